@@ -1,0 +1,312 @@
+"""Typed configuration: one pydantic model per YAML section, keeping NeMo RL's key names.
+
+Every model forbids unknown keys, so a typo fails at load time with the full key path
+instead of being silently ignored. Nothing downstream of `load_config` reads raw dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- sft
+
+
+class SFTConfig(Section):
+    max_num_epochs: int = Field(1, ge=1)
+    max_num_steps: int = Field(..., ge=1)
+    val_period: int = Field(0, ge=0, description="validate every N steps; 0 = never during training")
+    val_batches: int = Field(0, ge=0, description="validation batches per validation; 0 = the whole split")
+    val_global_batch_size: int = Field(32, ge=1)
+    val_micro_batch_size: int = Field(1, ge=1)
+    val_at_start: bool = False
+    val_at_end: bool = False
+    seed: int = 42
+    only_unmask_final: bool = False
+
+
+# ---------------------------------------------------------------- checkpointing
+
+
+class CheckpointingConfig(Section):
+    enabled: bool = True
+    checkpoint_dir: str = "results/sft"
+    metric_name: str | None = "val:val_loss"
+    higher_is_better: bool = False
+    keep_top_k: int | None = Field(None, ge=1)
+    save_period: int = Field(10, ge=1)
+    save_optimizer: bool = True
+    checkpoint_must_save_by: str | None = None
+
+    @field_validator("metric_name")
+    @classmethod
+    def _metric_has_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("val:", "train:")):
+            raise ValueError(f"expected 'val:<metric>' or 'train:<metric>', got {value!r}")
+        return value
+
+
+# ---------------------------------------------------------------- policy
+
+
+class TokenizerConfig(Section):
+    name: str
+    # "default" or absent: the tokenizer's own template; None: passthrough; otherwise an
+    # inline Jinja string or a path to a .jinja file.
+    chat_template: str | None = "default"
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class LoRAConfig(Section):
+    enabled: bool = False
+    target_modules: list[str] = Field(default_factory=list)
+    exclude_modules: list[str] = Field(default_factory=list)
+    match_all_linear: bool = True
+    dim: int = Field(8, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout_position: Literal["pre", "post"] = "post"
+    lora_A_init: Literal["xavier", "uniform"] = "xavier"
+    use_triton: bool = True
+
+
+class DTensorConfig(Section):
+    enabled: bool = True
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    cpu_offload: bool = False
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    tensor_parallel_size: int = Field(1, ge=1)
+    context_parallel_size: int = Field(1, ge=1)
+    custom_parallel_plan: str | None = None
+    lora_cfg: LoRAConfig = Field(default_factory=LoRAConfig)
+
+
+class DynamicBatchingConfig(Section):
+    enabled: bool = False
+    train_mb_tokens: int | None = Field(None, ge=1)
+    sequence_length_round: int = Field(64, ge=1)
+
+
+class SequencePackingConfig(Section):
+    enabled: bool = False
+    train_mb_tokens: int | None = Field(None, ge=1)
+    algorithm: Literal["first_fit_decreasing", "modified_first_fit_decreasing"] = (
+        "modified_first_fit_decreasing"
+    )
+    sequence_length_round: int = Field(64, ge=1)
+
+
+class OptimizerConfig(Section):
+    name: str = "torch.optim.AdamW"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SchedulerEntry(Section):
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SchedulerMilestones(Section):
+    milestones: list[int]
+
+
+class MegatronConfig(BaseModel):
+    """Accepted so NeMo RL recipes load; the Megatron backend itself is a GPU-only extra."""
+
+    model_config = ConfigDict(extra="allow")
+    enabled: bool = False
+
+
+class PolicyConfig(Section):
+    model_name: str
+    trust_remote_code: bool = False
+    tokenizer: TokenizerConfig
+    train_global_batch_size: int = Field(..., ge=1)
+    train_micro_batch_size: int = Field(..., ge=1)
+    max_total_sequence_length: int = Field(..., ge=2)
+    precision: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtensor_cfg: DTensorConfig = Field(default_factory=DTensorConfig)
+    dynamic_batching: DynamicBatchingConfig = Field(default_factory=DynamicBatchingConfig)
+    sequence_packing: SequencePackingConfig = Field(default_factory=SequencePackingConfig)
+    make_sequence_length_divisible_by: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    # NeMo RL's form: a list of {name, kwargs} entries followed by one {milestones: [...]}.
+    scheduler: list[SchedulerEntry | SchedulerMilestones] | SchedulerEntry | None = None
+    megatron_cfg: MegatronConfig = Field(default_factory=MegatronConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PolicyConfig:
+        if self.train_global_batch_size % self.train_micro_batch_size:
+            raise ValueError(
+                f"train_global_batch_size={self.train_global_batch_size} must be a multiple of "
+                f"train_micro_batch_size={self.train_micro_batch_size}"
+            )
+        if self.dynamic_batching.enabled and self.sequence_packing.enabled:
+            raise ValueError(
+                "dynamic_batching.enabled and sequence_packing.enabled are mutually exclusive; "
+                "turn one of them off"
+            )
+        if self.megatron_cfg.enabled:
+            raise ValueError(
+                "megatron_cfg.enabled=true: the Megatron-core backend is not available in this "
+                "build; use dtensor_cfg.enabled=true"
+            )
+        if not self.dtensor_cfg.enabled:
+            raise ValueError("dtensor_cfg.enabled=false leaves no training backend; set it to true")
+        self.scheduler_entries()  # validates the milestones shape
+        return self
+
+    def scheduler_entries(self) -> tuple[list[SchedulerEntry], list[int]]:
+        """The scheduler list as (schedulers, milestones); ([], []) for a constant rate."""
+        if self.scheduler is None:
+            return [], []
+        if isinstance(self.scheduler, SchedulerEntry):
+            return [self.scheduler], []
+        entries = [s for s in self.scheduler if isinstance(s, SchedulerEntry)]
+        milestone_blocks = [s for s in self.scheduler if isinstance(s, SchedulerMilestones)]
+        if len(milestone_blocks) > 1:
+            raise ValueError("scheduler: at most one {milestones: [...]} entry is allowed")
+        milestones = milestone_blocks[0].milestones if milestone_blocks else []
+        if len(entries) > 1 and len(milestones) != len(entries) - 1:
+            raise ValueError(
+                f"scheduler: {len(entries)} schedulers need {len(entries) - 1} milestones, "
+                f"got {milestones}"
+            )
+        return entries, milestones
+
+
+# ---------------------------------------------------------------- data
+
+
+class DatasetConfig(Section):
+    """One dataset: a registered name (squad, ResponseDataset, openai_format, alpaca) or a dotted class path."""
+
+    dataset_name: str | None = None
+    data_path: str | None = None
+    split: str | None = None
+    split_validation_size: float | None = Field(None, ge=0.0, lt=1.0)
+    seed: int = 42
+    # ResponseDataset / alpaca
+    input_key: str | None = None
+    output_key: str | None = None
+    # openai_format
+    chat_key: str | None = None
+    system_key: str | None = None
+    system_prompt: str | None = None
+    tool_key: str | None = None
+    use_preserving_dataset: bool = False
+    # shared
+    prompt_file: str | None = None
+    system_prompt_file: str | None = None
+    processor: str = "sft_processor"
+    # extra constructor arguments for a dataset class given by dotted path
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(Section):
+    max_input_seq_length: int = Field(..., ge=2)
+    add_bos: bool = True
+    add_eos: bool = True
+    add_generation_prompt: bool = False
+    overlength: Literal["mask", "truncate", "drop"] = "truncate"
+    shuffle: bool = True
+    num_workers: int = Field(1, ge=0)
+    train: DatasetConfig
+    validation: DatasetConfig | None = None
+    # merged under `train` and `validation` by the loader; kept for display
+    default: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- logger
+
+
+class WandbConfig(Section):
+    project: str = "sft-dev"
+    name: str | None = None
+    entity: str | None = None
+
+
+class TensorboardConfig(Section):
+    log_dir: str = "tb_logs"
+
+
+class MLflowConfig(Section):
+    experiment_name: str = "sft-dev"
+    run_name: str | None = None
+    tracking_uri: str | None = None  # None: a local file store under logger.log_dir
+
+
+class LoggerConfig(Section):
+    log_dir: str = "logs"
+    wandb_enabled: bool = False
+    tensorboard_enabled: bool = False
+    mlflow_enabled: bool = False
+    monitor_gpus: bool = True
+    num_val_samples_to_print: int = Field(0, ge=0)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = Field(default_factory=TensorboardConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+
+# ---------------------------------------------------------------- cluster
+
+
+class ClusterConfig(Section):
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpus_per_node: int = Field(1, ge=1)
+    cpu_workers_per_node: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+
+    def resolved_device(self) -> Literal["cuda", "cpu"]:
+        """`auto` becomes cuda when this process sees a GPU, cpu otherwise."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def workers_per_node(self) -> int:
+        return self.gpus_per_node if self.resolved_device() == "cuda" else self.cpu_workers_per_node
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+class MasterConfig(Section):
+    sft: SFTConfig
+    policy: PolicyConfig
+    data: DataConfig
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    logger: LoggerConfig = Field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> MasterConfig:
+        if self.data.max_input_seq_length > self.policy.max_total_sequence_length:
+            raise ValueError(
+                f"data.max_input_seq_length={self.data.max_input_seq_length} exceeds "
+                f"policy.max_total_sequence_length={self.policy.max_total_sequence_length}"
+            )
+        parallel = self.policy.dtensor_cfg
+        if parallel.tensor_parallel_size > 1 or parallel.context_parallel_size > 1:
+            raise ValueError(
+                "policy.dtensor_cfg.tensor_parallel_size and context_parallel_size must be 1: "
+                "this build shards with FSDP2 data parallelism only"
+            )
+        world_size = self.cluster.num_nodes * self.cluster.workers_per_node()
+        per_rank, remainder = divmod(self.policy.train_global_batch_size, world_size)
+        if remainder or per_rank % self.policy.train_micro_batch_size:
+            raise ValueError(
+                f"policy.train_global_batch_size={self.policy.train_global_batch_size} must split "
+                f"evenly over {world_size} workers into micro-batches of "
+                f"policy.train_micro_batch_size={self.policy.train_micro_batch_size}"
+            )
+        return self

@@ -6,9 +6,9 @@ instead of being silently ignored. Nothing downstream of `load_config` reads raw
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -117,6 +117,28 @@ class SchedulerMilestones(Section):
     milestones: list[int]
 
 
+def _scheduler_item_kind(value: Any) -> str:
+    if isinstance(value, SchedulerMilestones) or (isinstance(value, dict) and "milestones" in value):
+        return "milestones"
+    return "scheduler"
+
+
+def _scheduler_kind(value: Any) -> str:
+    return "list" if isinstance(value, (list, tuple)) else "scheduler"
+
+
+# Discriminated so that a mistake in one entry yields that entry's errors only, not one per
+# union member.
+SchedulerItem = Annotated[
+    Annotated[SchedulerEntry, Tag("scheduler")] | Annotated[SchedulerMilestones, Tag("milestones")],
+    Discriminator(_scheduler_item_kind),
+]
+SchedulerSpec = Annotated[
+    Annotated[list[SchedulerItem], Tag("list")] | Annotated[SchedulerEntry, Tag("scheduler")],
+    Discriminator(_scheduler_kind),
+]
+
+
 class MegatronConfig(BaseModel):
     """Accepted so NeMo RL recipes load; the Megatron backend itself is a GPU-only extra."""
 
@@ -139,28 +161,30 @@ class PolicyConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     # NeMo RL's form: a list of {name, kwargs} entries followed by one {milestones: [...]}.
-    scheduler: list[SchedulerEntry | SchedulerMilestones] | SchedulerEntry | None = None
+    scheduler: SchedulerSpec | None = None
     megatron_cfg: MegatronConfig = Field(default_factory=MegatronConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PolicyConfig:
         if self.train_global_batch_size % self.train_micro_batch_size:
             raise ValueError(
-                f"train_global_batch_size={self.train_global_batch_size} must be a multiple of "
-                f"train_micro_batch_size={self.train_micro_batch_size}"
+                f"policy.train_global_batch_size={self.train_global_batch_size} must be a multiple "
+                f"of policy.train_micro_batch_size={self.train_micro_batch_size}"
             )
         if self.dynamic_batching.enabled and self.sequence_packing.enabled:
             raise ValueError(
-                "dynamic_batching.enabled and sequence_packing.enabled are mutually exclusive; "
-                "turn one of them off"
+                "policy.dynamic_batching.enabled and policy.sequence_packing.enabled are mutually "
+                "exclusive; turn one of them off"
             )
         if self.megatron_cfg.enabled:
             raise ValueError(
-                "megatron_cfg.enabled=true: the Megatron-core backend is not available in this "
-                "build; use dtensor_cfg.enabled=true"
+                "policy.megatron_cfg.enabled=true: the Megatron-core backend is not available in "
+                "this build; use policy.dtensor_cfg.enabled=true"
             )
         if not self.dtensor_cfg.enabled:
-            raise ValueError("dtensor_cfg.enabled=false leaves no training backend; set it to true")
+            raise ValueError(
+                "policy.dtensor_cfg.enabled=false leaves no training backend; set it to true"
+            )
         self.scheduler_entries()  # validates the milestones shape
         return self
 
@@ -173,11 +197,11 @@ class PolicyConfig(Section):
         entries = [s for s in self.scheduler if isinstance(s, SchedulerEntry)]
         milestone_blocks = [s for s in self.scheduler if isinstance(s, SchedulerMilestones)]
         if len(milestone_blocks) > 1:
-            raise ValueError("scheduler: at most one {milestones: [...]} entry is allowed")
+            raise ValueError("policy.scheduler: at most one {milestones: [...]} entry is allowed")
         milestones = milestone_blocks[0].milestones if milestone_blocks else []
         if len(entries) > 1 and len(milestones) != len(entries) - 1:
             raise ValueError(
-                f"scheduler: {len(entries)} schedulers need {len(entries) - 1} milestones, "
+                f"policy.scheduler: {len(entries)} schedulers need {len(entries) - 1} milestones, "
                 f"got {milestones}"
             )
         return entries, milestones
@@ -187,7 +211,8 @@ class PolicyConfig(Section):
 
 
 class DatasetConfig(Section):
-    """One dataset: a registered name (squad, ResponseDataset, openai_format, alpaca) or a dotted class path."""
+    """One dataset: a registered name (squad, ResponseDataset, openai_format, alpaca) or a dotted
+    class path. `data.default` is merged under it by the loader (its own keys win)."""
 
     dataset_name: str | None = None
     data_path: str | None = None

@@ -1,0 +1,63 @@
+"""Schema refinements: the scheduler's two forms, data.default, cross-section checks."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from nemo_rl.config.schema import PolicyConfig, SchedulerEntry, SchedulerMilestones
+
+POLICY = {
+    "model_name": "m",
+    "tokenizer": {"name": "m"},
+    "train_global_batch_size": 4,
+    "train_micro_batch_size": 1,
+    "max_total_sequence_length": 64,
+}
+
+
+def policy(**changes) -> PolicyConfig:
+    return PolicyConfig.model_validate({**POLICY, **changes})
+
+
+def test_scheduler_list_form_with_milestones():
+    cfg = policy(
+        scheduler=[
+            {"name": "torch.optim.lr_scheduler.LinearLR", "kwargs": {"start_factor": 0.1}},
+            {"name": "torch.optim.lr_scheduler.ConstantLR"},
+            {"milestones": [10]},
+        ]
+    )
+    entries, milestones = cfg.scheduler_entries()
+    assert [e.name for e in entries] == [
+        "torch.optim.lr_scheduler.LinearLR",
+        "torch.optim.lr_scheduler.ConstantLR",
+    ]
+    assert entries[0].kwargs == {"start_factor": 0.1} and milestones == [10]
+
+
+def test_scheduler_single_mapping_and_none():
+    entries, milestones = policy(
+        scheduler={"name": "torch.optim.lr_scheduler.ConstantLR"}
+    ).scheduler_entries()
+    assert [e.name for e in entries] == ["torch.optim.lr_scheduler.ConstantLR"] and milestones == []
+    assert policy(scheduler=None).scheduler_entries() == ([], [])
+
+
+def test_scheduler_accepts_model_instances():
+    cfg = policy(
+        scheduler=[SchedulerEntry(name="a"), SchedulerEntry(name="b"), SchedulerMilestones(milestones=[3])]
+    )
+    assert cfg.scheduler_entries()[1] == [3]
+
+
+def test_scheduler_error_comes_from_one_form_only():
+    with pytest.raises(ValidationError) as info:
+        policy(scheduler=[{"name": "a"}, {"milestones": ["x"]}])
+    locs = [error["loc"] for error in info.value.errors()]
+    assert locs == [("scheduler", "list", 1, "milestones", "milestones", 0)]
+
+
+def test_scheduler_milestone_count_is_checked():
+    with pytest.raises(ValidationError, match=r"policy\.scheduler: 2 schedulers need 1 milestones"):
+        policy(scheduler=[{"name": "a"}, {"name": "b"}])

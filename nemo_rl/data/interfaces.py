@@ -8,6 +8,15 @@ from typing import Any, TypedDict
 import torch
 
 
+class DataError(ValueError):
+    """Bad training data, reported before training starts.
+
+    The message names where (file and 1-based line for local JSON/JSONL files, the dataset name and
+    row index for Hub datasets) and what (the config key or the message field), e.g.
+    `data.train.input_key='question' not found in /data/train.jsonl line 17; keys there: ['prompt']`.
+    """
+
+
 @dataclass
 class TaskDataSpec:
     """What a dataset tells the processor about its task.

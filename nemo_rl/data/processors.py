@@ -1,0 +1,354 @@
+"""Chat rows -> token ids and a per-token loss mask (`sft_processor`), and the SFTDataset of them.
+
+How the mask is computed. The chat template renders the conversation up to each assistant turn a
+that carries loss (all of them, or only the last with `only_unmask_final`):
+
+    start_a = render(messages[:a], add_generation_prompt=data.add_generation_prompt)
+    end_a   = render(messages[:a + 1])
+
+Each of these strings must be a prefix of the next one and of the whole rendering; a template for
+which this fails (one that rewrites earlier turns once later ones exist) is reported, never
+guessed at. The characters between start_a and end_a are assistant a's: its content, its
+end-of-turn token, and its header unless `add_generation_prompt` moved the header into start_a.
+Everything else is prompt.
+
+The whole rendering is then tokenized once, so the ids are exactly the tokenizer's ids for that
+text, and each token is attributed by its character offsets: a token carries loss when any of its
+characters belongs to a trained assistant turn (a token that straddles the boundary, which only
+happens when a template joins prompt and answer inside one word, goes to the answer, so no answer
+character is ever left unlearned). Tokenizers without offsets (slow, pure-Python ones) tokenize
+each piece on its own instead.
+
+BOS/EOS: the text is tokenized with add_special_tokens=False (a post-processor would otherwise add
+a second BOS to a template that renders one); `add_bos` then prepends BOS unless the template
+already rendered it, and `add_eos` appends EOS unless the rendering already ends with it. An
+appended EOS carries loss when the conversation ends with a trained assistant turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from nemo_rl.data.datasets.common import check_conversation
+from nemo_rl.data.interfaces import DataError, DatumSpec, TaskDataSpec
+
+Overlength = Literal["mask", "truncate", "drop"]
+OVERLENGTH_MODES = ("mask", "truncate", "drop")
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    token_mask: list[int]  # 1 where the token is a prediction target
+    # Per token: the index of the trained assistant message it belongs to, None for prompt tokens.
+    token_owner: list[int | None]
+
+
+class TemplateError(DataError):
+    """The chat template cannot be used to attribute tokens to messages."""
+
+
+def tokenize_conversation(
+    messages: list[dict[str, Any]],
+    tokenizer,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    add_generation_prompt: bool = False,
+    only_unmask_final: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    where: str = "row",
+) -> TokenizedConversation:
+    """Token ids of `messages` rendered by `tokenizer.chat_template`, and their loss mask."""
+    n = len(messages)
+    assistants = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    trained = assistants[-1:] if only_unmask_final else assistants
+    kwargs = dict(chat_template_kwargs or {})
+
+    # The renderings needed: messages[:a] (with the generation prompt when asked) and messages[:a + 1]
+    # for each trained turn a, and the whole conversation.
+    plain_ends = sorted({a + 1 for a in trained} | {n} | (set() if add_generation_prompt else set(trained)))
+    plain = _render(tokenizer, messages, plain_ends, tools, False, kwargs, where)
+    starts = (
+        _render(tokenizer, messages, trained, tools, True, kwargs, where) if add_generation_prompt else plain
+    )
+
+    # Character ranges [start, end) of the trained assistant turns in the full rendering.
+    turns: list[tuple[int, int, int]] = []
+    done, done_at = "", "the start"
+    for a in trained:
+        start, end = starts[a], plain[a + 1]
+        start_at = f"messages[:{a}]" + (" with add_generation_prompt" if add_generation_prompt else "")
+        _require_prefix(done, done_at, start, start_at, where)
+        if not end.startswith(start):
+            if add_generation_prompt:
+                raise TemplateError(
+                    f"{where}: the chat template's generation prompt after messages[:{a}] is not how it "
+                    f"starts messages[{a}] (the assistant's turn): {start[len(done) :]!r} vs "
+                    f"{end[len(done) :]!r}; set data.add_generation_prompt=false"
+                )
+            _require_prefix(start, start_at, end, f"messages[:{a + 1}]", where)
+        if len(end) == len(start):
+            raise DataError(
+                f"{where}: the chat template renders nothing for messages[{a}] (role 'assistant'), so "
+                "the turn would carry no loss; check that the template renders assistant messages"
+            )
+        turns.append((len(start), len(end), a))
+        done, done_at = end, f"messages[:{a + 1}]"
+    full = plain[n]
+    _require_prefix(done, done_at, full, f"messages[:{n}]", where)
+
+    if getattr(tokenizer, "is_fast", False):
+        input_ids, owners = _encode_with_offsets(tokenizer, full, turns)
+    else:
+        input_ids, owners = _encode_pieces(tokenizer, full, turns)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if add_bos and bos is not None and (not input_ids or input_ids[0] != bos):
+        input_ids.insert(0, bos)
+        owners.insert(0, None)
+    if add_eos and eos is not None and (not input_ids or input_ids[-1] != eos):
+        input_ids.append(eos)
+        owners.append(n - 1 if trained and trained[-1] == n - 1 else None)
+    token_mask = [0 if owner is None else 1 for owner in owners]
+    return TokenizedConversation(input_ids, token_mask, owners)
+
+
+def _encode_with_offsets(tokenizer, text: str, turns: list[tuple[int, int, int]]):
+    """Ids of `text`, and for each token the assistant turn it belongs to (None: prompt)."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    owners: list[int | None] = []
+    turn = 0
+    for token_start, token_end in encoding["offset_mapping"]:
+        if token_end == token_start:
+            # An empty span: a whitespace token whose offsets were trimmed (byte-level
+            # trim_offsets) down to where it ends; its characters lie just before.
+            token_start, token_end = max(token_end - 1, 0), max(token_end, 1)
+        while turn < len(turns) and turns[turn][1] <= token_start:
+            turn += 1
+        owner = None
+        if turn < len(turns) and token_start < turns[turn][1] and token_end > turns[turn][0]:
+            owner = turns[turn][2]  # any character of the turn in the token
+        owners.append(owner)
+    return list(encoding["input_ids"]), owners
+
+
+def _encode_pieces(tokenizer, text: str, turns: list[tuple[int, int, int]]):
+    """Without offsets: the prompt and assistant pieces of `text` tokenized one by one."""
+    pieces: list[tuple[str, int | None]] = []
+    cursor = 0
+    for turn_start, turn_end, message in turns:
+        pieces += [(text[cursor:turn_start], None), (text[turn_start:turn_end], message)]
+        cursor = turn_end
+    pieces = [(piece, owner) for piece, owner in (*pieces, (text[cursor:], None)) if piece]
+    encoded = tokenizer([piece for piece, _ in pieces], add_special_tokens=False)["input_ids"]
+    input_ids: list[int] = []
+    owners: list[int | None] = []
+    for ids, (_, owner) in zip(encoded, pieces, strict=True):
+        input_ids += ids
+        owners += [owner] * len(ids)
+    return input_ids, owners
+
+
+def _render(tokenizer, messages, ends, tools, add_generation_prompt, kwargs, where) -> dict[int, str]:
+    """{end: the rendering of messages[:end]} for each end, in one batched call."""
+    if not ends:
+        return {}
+    try:
+        texts = tokenizer.apply_chat_template(
+            [messages[:end] for end in ends],
+            tools=tools or None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **kwargs,
+        )
+    except Exception as error:  # jinja's raise_exception, undefined variables, bad message shapes
+        raise DataError(
+            f"{where}: the chat template failed on this conversation: {type(error).__name__}: {error}"
+        ) from error
+    return dict(zip(ends, texts, strict=True))
+
+
+def _require_prefix(prefix: str, prefix_at: str, text: str, text_at: str, where: str) -> None:
+    if not text.startswith(prefix):
+        at = next(
+            (i for i, (x, y) in enumerate(zip(prefix, text, strict=False)) if x != y),
+            min(len(prefix), len(text)),
+        )
+        raise TemplateError(
+            f"{where}: the chat template does not render conversations prefix-stably: the rendering of {text_at} "
+            f"does not start with the rendering of {prefix_at} (they differ at character {at}: "
+            f"{prefix[at : at + 40]!r} vs {text[at : at + 40]!r}). Tokens cannot be attributed to messages, so the "
+            "loss mask would be wrong; use a template that renders earlier turns the same whatever follows "
+            "(or sft.only_unmask_final=true, which needs this only at the final turn)"
+        )
+
+
+# ---------------------------------------------------------------- one row -> one datum
+
+
+def apply_task_spec(messages: list[dict[str, Any]], task_spec: TaskDataSpec) -> list[dict[str, Any]]:
+    """The prompt format applied to each user message, the system prompt added when there is none."""
+    if task_spec.prompt:
+        messages = [
+            {**m, "content": task_spec.prompt.format(m["content"])}
+            if m["role"] == "user" and isinstance(m.get("content"), str)
+            else m
+            for m in messages
+        ]
+    if task_spec.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": task_spec.system_prompt}, *messages]
+    return messages
+
+
+def sft_processor(
+    row: dict[str, Any],
+    tokenizer,
+    task_spec: TaskDataSpec,
+    *,
+    idx: int,
+    max_seq_length: int,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    add_generation_prompt: bool = False,
+    only_unmask_final: bool = False,
+    overlength: Overlength = "truncate",
+    chat_template_kwargs: dict[str, Any] | None = None,
+    where: str = "row",
+) -> DatumSpec | None:
+    """One formatted row -> a DatumSpec, or None when `overlength` drops it."""
+    if not isinstance(row, dict) or "messages" not in row:
+        keys = list(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: a formatted row needs a 'messages' list; keys there: {keys}")
+    messages = row["messages"]
+    check_conversation(messages, where=where)
+    messages = apply_task_spec(messages, task_spec)
+    tokenized = tokenize_conversation(
+        messages,
+        tokenizer,
+        tools=row.get("tools"),
+        add_bos=add_bos,
+        add_eos=add_eos,
+        add_generation_prompt=add_generation_prompt,
+        only_unmask_final=only_unmask_final,
+        chat_template_kwargs=chat_template_kwargs,
+        where=where,
+    )
+    input_ids, token_mask = tokenized.input_ids, tokenized.token_mask
+    loss_multiplier, outcome = 1.0, None
+    if len(input_ids) > max_seq_length:
+        if overlength == "drop":
+            return None
+        input_ids, token_mask = input_ids[:max_seq_length], token_mask[:max_seq_length]
+        if overlength == "mask":
+            loss_multiplier, outcome = 0.0, "masked"
+        elif not any(token_mask):  # truncate cut away every assistant token
+            return None
+        else:
+            outcome = "truncated"
+    return DatumSpec(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64),
+        token_mask=torch.tensor(token_mask, dtype=torch.int64),
+        length=len(input_ids),
+        loss_multiplier=loss_multiplier,
+        idx=idx,
+        task_name=task_spec.task_name,
+        overlength=outcome,
+    )
+
+
+PROCESSORS = {"sft_processor": sft_processor}
+
+
+def check_processor_name(name: str, config_key: str) -> None:
+    if name not in PROCESSORS:
+        raise DataError(f"{config_key}={name!r} is not a known processor; known: {sorted(PROCESSORS)}")
+
+
+# ---------------------------------------------------------------- the dataset the loader samples
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Tokenized samples of `rows`, all processed at construction so bad data fails before training.
+
+    `overlength_counts` says how many samples were longer than `max_seq_length` and what happened:
+    {"truncated": n, "masked": n, "dropped": n}. Dropped samples are left out, so indices run
+    over the kept ones; each datum's `idx` is its row's index in `rows`.
+    """
+
+    def __init__(
+        self,
+        rows,
+        tokenizer,
+        task_spec: TaskDataSpec,
+        *,
+        max_seq_length: int,
+        add_bos: bool = True,
+        add_eos: bool = True,
+        add_generation_prompt: bool = False,
+        only_unmask_final: bool = False,
+        overlength: Overlength = "truncate",
+        chat_template_kwargs: dict[str, Any] | None = None,
+        source: str = "train",
+        processor: str = "sft_processor",
+    ):
+        if overlength not in OVERLENGTH_MODES:
+            raise ValueError(f"data.overlength={overlength!r}; expected one of {list(OVERLENGTH_MODES)}")
+        check_processor_name(processor, f"data.{source}.processor")
+        _check_prompt_format(task_spec)
+        process = PROCESSORS[processor]
+        self.samples: list[DatumSpec] = []
+        self.overlength_counts = {"truncated": 0, "masked": 0, "dropped": 0}
+        for idx, row in enumerate(rows.to_list() if hasattr(rows, "to_list") else rows):
+            datum = process(
+                row,
+                tokenizer,
+                task_spec,
+                idx=idx,
+                max_seq_length=max_seq_length,
+                add_bos=add_bos,
+                add_eos=add_eos,
+                add_generation_prompt=add_generation_prompt,
+                only_unmask_final=only_unmask_final,
+                overlength=overlength,
+                chat_template_kwargs=chat_template_kwargs,
+                where=f"{source} row {idx}",
+            )
+            if datum is None:
+                self.overlength_counts["dropped"] += 1
+                continue
+            if datum["overlength"] is not None:
+                self.overlength_counts[datum["overlength"]] += 1
+            self.samples.append(datum)
+        if not self.samples and not self.overlength_counts["dropped"]:
+            raise DataError(f"{source}: no rows to train or validate on")
+        if not self.samples:
+            raise DataError(
+                f"{source}: all {self.overlength_counts['dropped']} samples were dropped as longer than "
+                f"max_seq_length={max_seq_length} (data.overlength={overlength!r}); raise the length limit"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> DatumSpec:
+        return self.samples[index]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [datum["length"] for datum in self.samples]
+
+
+def _check_prompt_format(task_spec: TaskDataSpec) -> None:
+    if task_spec.prompt is None:
+        return
+    try:
+        task_spec.prompt.format("x")
+    except (IndexError, KeyError, ValueError) as error:
+        raise DataError(
+            f"prompt_file={task_spec.prompt_file!r} must be a Python format string with one '{{}}' for the user "
+            f"message (write literal braces as '{{{{' and '}}}}'): {type(error).__name__}: {error}"
+        ) from error

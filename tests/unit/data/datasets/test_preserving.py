@@ -1,0 +1,21 @@
+"""PreservingDataset keeps rows as written."""
+
+from __future__ import annotations
+
+from nemo_rl.data.datasets.preserving import PreservingDataset
+
+ROWS = [{"args": {"query": "x"}}, {"args": {"expression": "2+2", "precision": 2}}]
+
+
+def test_rows_are_kept_exactly():
+    dataset = PreservingDataset(ROWS)
+    assert len(dataset) == 2 and list(dataset) == ROWS
+    assert dataset[0] == {"args": {"query": "x"}}
+    assert dataset[1]["args"] == {"expression": "2+2", "precision": 2}
+
+
+def test_select_slice_and_map():
+    dataset = PreservingDataset(ROWS)
+    assert dataset.select([1]).to_list() == [ROWS[1]]
+    assert isinstance(dataset[:1], PreservingDataset) and dataset[:1].to_list() == [ROWS[0]]
+    assert dataset.map(lambda row, i: {"i": i, **row}, with_indices=True)[1]["i"] == 1

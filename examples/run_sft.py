@@ -1,0 +1,35 @@
+"""Supervised fine-tuning entry point.
+
+    uv run examples/run_sft.py --config configs/sft_tiny.yaml [key.path=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Running as `uv run examples/run_sft.py` puts examples/ on sys.path, not the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nemo_rl.algorithms.sft import setup, sft_train  # noqa: E402
+from nemo_rl.config import parse_run_args  # noqa: E402
+from nemo_rl.distributed import shutdown_ray  # noqa: E402
+from nemo_rl.utils.progress import print_run_header  # noqa: E402
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "sft.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, config_path = parse_run_args(argv, default_config=DEFAULT_CONFIG, description=__doc__)
+    print_run_header(cfg, config_path)
+    run = setup(cfg)
+    try:
+        sft_train(run)
+    finally:
+        run.policy.shutdown()
+        shutdown_ray()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

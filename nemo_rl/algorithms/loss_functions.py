@@ -1,0 +1,59 @@
+"""Token-level negative log-likelihood, normalised by the global count of valid target tokens.
+
+Shape legend: B batch, T time (tokens), V vocabulary.
+
+Normalisation rule (NeMo RL's): every micro-batch on every data-parallel rank divides its
+*sum* of token NLLs by the same number, the count of valid target tokens in the whole
+global batch. Summing the micro-batch losses over micro-batches and ranks therefore gives
+the mean NLL over the global batch, and the summed gradients are the gradient of that mean,
+whatever the data-parallel size or micro-batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nemo_rl.data.batched_data_dict import BatchedDataDict
+
+
+def target_mask(batch: BatchedDataDict) -> torch.Tensor:
+    """mask_BT1 (B, T-1) float32: 1 where token t+1 is a target predicted from tokens <= t.
+
+    Token 0 has no prediction, so the mask covers positions 1..T-1 of `token_mask`;
+    rows with sample_mask 0 contribute nothing.
+    """
+    token_mask_BT = batch["token_mask"].to(torch.float32)
+    sample_mask_B = batch["sample_mask"].to(torch.float32)
+    return token_mask_BT[:, 1:] * sample_mask_B[:, None]
+
+
+def count_valid_tokens(batch: BatchedDataDict) -> torch.Tensor:
+    """Number of target tokens in `batch` that carry loss (a 0-dim float64 tensor: exact
+    well past float32's 2**24)."""
+    return target_mask(batch).sum(dtype=torch.float64)
+
+
+class NLLLoss:
+    """loss = sum of masked token NLL in this micro-batch / global_valid_tokens."""
+
+    def __call__(
+        self,
+        logits_BTV: torch.Tensor,
+        batch: BatchedDataDict,
+        global_valid_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask_BT1 = target_mask(batch).to(logits_BTV.device)
+        targets_BT1 = batch["input_ids"][:, 1:].to(logits_BTV.device)
+        # Position t predicts token t+1; the last position predicts nothing.
+        logits_BT1V = logits_BTV[:, :-1].to(torch.float32)
+        nll_BT1 = F.cross_entropy(
+            logits_BT1V.reshape(-1, logits_BT1V.shape[-1]),
+            targets_BT1.reshape(-1),
+            reduction="none",
+        ).view_as(mask_BT1)
+        nll_sum = (nll_BT1 * mask_BT1).sum()
+        # An all-masked global batch has no tokens: its loss is 0, not NaN.
+        loss = nll_sum / global_valid_tokens.to(nll_sum).clamp(min=1.0)
+        metrics = {"nll_sum": nll_sum.detach(), "num_valid_tokens": mask_BT1.sum().detach()}
+        return loss, metrics

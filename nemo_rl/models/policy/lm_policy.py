@@ -1,0 +1,95 @@
+"""The driver's handle on the model: one `DTensorPolicyWorker` per reserved slot.
+
+The driver never holds weights. `Policy` splits each global batch contiguously over the
+data-parallel ranks, calls every worker, and merges their small metric dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nemo_rl.config.schema import PolicyConfig
+from nemo_rl.data.batched_data_dict import BatchedDataDict
+from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
+from nemo_rl.distributed.worker_group import RayWorkerGroup
+from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker, LossFn
+
+
+class Policy:
+    """Args:
+        cluster: the reserved slots; one data-parallel rank per slot, on GPUs if it has them.
+        policy_cfg: the `policy` section.
+        seed: the run's seed (workers add their rank where randomness must differ).
+        weights_path / optimizer_path: a checkpoint's DCP directories to resume from.
+    """
+
+    def __init__(
+        self,
+        cluster: RayVirtualCluster,
+        policy_cfg: PolicyConfig,
+        *,
+        seed: int,
+        weights_path: str | None = None,
+        optimizer_path: str | None = None,
+    ):
+        self.cfg = policy_cfg
+        self.worker_group = RayWorkerGroup(
+            cluster,
+            DTensorPolicyWorker,
+            init_kwargs=dict(
+                policy_cfg=policy_cfg,
+                seed=seed,
+                device="cuda" if cluster.use_gpus else "cpu",
+                weights_path=weights_path,
+                optimizer_path=optimizer_path,
+            ),
+            env_vars=policy_cfg.dtensor_cfg.env_vars,
+            name_prefix="policy",
+        )
+        self.world_size = self.worker_group.world_size
+
+    def train(self, batch: BatchedDataDict, loss_fn: LossFn | None = None) -> dict[str, Any]:
+        """One optimizer step on the global `batch`. `loss_fn` (picklable, called as
+        `loss_fn(logits_BTV, micro_batch, global_valid_tokens)`) defaults to NLLLoss."""
+        shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
+        results = self.worker_group.run_sharded(
+            "train", shards, micro_batch_size=self.cfg.train_micro_batch_size, loss_fn=loss_fn
+        )
+        # loss, grad_norm, lr and the global counts are already reduced: identical on all ranks.
+        shared = ("loss", "grad_norm", "lr", "num_valid_tokens", "num_valid_samples")
+        metrics = {k: results[0][k] for k in shared}
+        metrics["peak_memory_gb"] = max(r["peak_memory_gb"] for r in results)
+        metrics["peak_memory_gb_per_worker"] = [r["peak_memory_gb"] for r in results]
+        metrics["local_valid_tokens_per_worker"] = [r["local_valid_tokens"] for r in results]
+        return metrics
+
+    def validate(self, batch: BatchedDataDict, *, micro_batch_size: int | None = None) -> dict[str, float]:
+        """Token-weighted mean NLL of `batch` and its number of target tokens."""
+        shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
+        results = self.worker_group.run_sharded(
+            "validate", shards, micro_batch_size=micro_batch_size or self.cfg.train_micro_batch_size
+        )
+        loss_sum = sum(r["loss_sum"] for r in results)
+        tokens = sum(r["num_valid_tokens"] for r in results)
+        return {"loss": loss_sum / tokens if tokens else float("nan"), "num_valid_tokens": tokens}
+
+    def save_checkpoint(
+        self,
+        weights_path: str | None,
+        optimizer_path: str | None = None,
+        hf_path: str | None = None,
+    ) -> None:
+        """Sharded DCP weights (and optimizer + scheduler) for resuming; `hf_path`: a complete
+        Hugging Face model directory (written by rank 0). The caller owns the directories."""
+        self.worker_group.run_all(
+            "save_checkpoint", weights_path=weights_path, optimizer_path=optimizer_path, hf_path=hf_path
+        )
+
+    def shutdown(self) -> None:
+        """Leaves the process groups, then kills the workers; idempotent."""
+        try:
+            self.worker_group.run_all("shutdown")
+        except Exception:  # a failed or already shut-down group: killing it is all there is
+            pass
+        finally:
+            self.worker_group.shutdown()

@@ -13,21 +13,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemo_rl.algorithms.sft import setup, sft_train  # noqa: E402
 from nemo_rl.config import parse_run_args  # noqa: E402
-from nemo_rl.distributed import shutdown_ray  # noqa: E402
+from nemo_rl.config import ConfigError  # noqa: E402
+from nemo_rl.data import DataError  # noqa: E402
+from nemo_rl.distributed import ClusterResourceError, WorkerError  # noqa: E402
+from nemo_rl.utils.errors import exit_on_user_error  # noqa: E402
 from nemo_rl.utils.progress import print_run_header  # noqa: E402
 
+# What a user fixes in their config, data or cluster; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, ClusterResourceError, WorkerError, FloatingPointError, FileNotFoundError)
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "sft.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, config_path = parse_run_args(argv, default_config=DEFAULT_CONFIG, description=__doc__)
     print_run_header(cfg, config_path)
-    run = setup(cfg)
-    try:
-        sft_train(run)
-    finally:
-        run.policy.shutdown()
-        shutdown_ray()
+    with exit_on_user_error(USER_ERRORS):
+        run = setup(cfg)
+        try:
+            sft_train(run)
+        finally:
+            run.shutdown()
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ from nemo_rl.data.collate import sft_collate
 from nemo_rl.data.datasets import load_datasets
 from nemo_rl.data.processors import SFTDataset
 from nemo_rl.data.tokenizer import get_tokenizer
-from nemo_rl.distributed import RayVirtualCluster, init_ray
+from nemo_rl.distributed import RayVirtualCluster, init_ray, shutdown_ray
 from nemo_rl.models.policy import Policy
 from nemo_rl.utils.checkpoint import CheckpointManager
 from nemo_rl.utils.logger import Logger
@@ -53,6 +54,11 @@ class SFTRun:
     resumed_from: Path | None
     overlength_counts: dict[str, dict[str, int]]
 
+    def shutdown(self) -> None:
+        self.policy.shutdown()
+        self.cluster.shutdown()
+        shutdown_ray()
+
 
 def setup(cfg: MasterConfig) -> SFTRun:
     """Data first (bad data fails before any worker starts), then Ray, then the policy."""
@@ -71,7 +77,10 @@ def setup(cfg: MasterConfig) -> SFTRun:
         chat_template_kwargs=cfg.policy.tokenizer.chat_template_kwargs,
     )
     train_dataset = make_dataset(datasets.train, source="train")
-    val_dataset = make_dataset(datasets.validation, source="validation") if datasets.validation else None
+    val_dataset = None
+    if datasets.validation is not None:
+        val_task_spec = datasets.validation_task_spec or datasets.task_spec
+        val_dataset = make_dataset(datasets.validation, source="validation", task_spec=val_task_spec)
     overlength_counts = {"train": train_dataset.overlength_counts}
     if val_dataset is not None:
         overlength_counts["validation"] = val_dataset.overlength_counts
@@ -82,11 +91,13 @@ def setup(cfg: MasterConfig) -> SFTRun:
         make_sequence_length_divisible_by=cfg.policy.make_sequence_length_divisible_by,
     )
     train_dataloader = _train_dataloader(train_dataset, collate, cfg)
-    val_dataloader = (
-        StatefulDataLoader(val_dataset, batch_size=cfg.sft.val_global_batch_size, shuffle=False, collate_fn=collate)
-        if val_dataset is not None
-        else None
-    )
+    val_dataloader = None
+    if val_dataset is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            val_dataloader = StatefulDataLoader(
+                val_dataset, batch_size=cfg.sft.val_global_batch_size, shuffle=False, collate_fn=collate
+            )
     if len(train_dataloader) == 0:
         raise ValueError(
             f"the training set has {len(train_dataset)} samples, fewer than one global batch "
@@ -102,7 +113,7 @@ def setup(cfg: MasterConfig) -> SFTRun:
         progress = _restore_driver_state(checkpointer, resumed_from, train_dataloader)
 
     logger = Logger(cfg.logger, run_config=cfg.model_dump(mode="json"))
-    init_ray(temp_dir=None)
+    init_ray(temp_dir=str(logger.run_dir / "ray"))
     device = cfg.cluster.resolved_device()
     cluster = RayVirtualCluster(
         cfg.cluster.num_nodes, cfg.cluster.workers_per_node(), use_gpus=device == "cuda"
@@ -191,7 +202,7 @@ def _summarize(run: SFTRun, total_steps: int, last_val: dict[str, float], wall_t
         "steps": progress.step,
         "total_steps": total_steps,
         "train_loss": progress.metrics.get("train:loss"),
-        "val_loss": last_val.get("val_loss"),
+        "val_loss": last_val.get("val_loss", progress.metrics.get("val:val_loss")),
         "wall_time_s": wall_time_s,
         "checkpoint": str(run.checkpointer.get_latest_checkpoint_path() or ""),
         "log_dir": str(run.logger.run_dir),
@@ -207,15 +218,17 @@ def _summarize(run: SFTRun, total_steps: int, last_val: dict[str, float], wall_t
 def _train_dataloader(dataset: SFTDataset, collate, cfg: MasterConfig) -> StatefulDataLoader:
     generator = torch.Generator()
     generator.manual_seed(cfg.sft.seed)
-    return StatefulDataLoader(
-        dataset,
-        batch_size=cfg.policy.train_global_batch_size,
-        shuffle=cfg.data.shuffle,
-        generator=generator,
-        collate_fn=collate,
-        drop_last=True,  # every step sees a full global batch, so the update size is fixed
-        num_workers=cfg.data.num_workers,
-    )
+    with warnings.catch_warnings():  # torchdata calls a torch API it deprecated itself
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(
+            dataset,
+            batch_size=cfg.policy.train_global_batch_size,
+            shuffle=cfg.data.shuffle,
+            generator=generator,
+            collate_fn=collate,
+            drop_last=True,  # every step sees a full global batch, so the update size is fixed
+            num_workers=cfg.data.num_workers,
+        )
 
 
 def _train_metrics(metrics: dict[str, Any], step_time: float, world_size: int, *, on_gpu: bool) -> dict[str, float]:

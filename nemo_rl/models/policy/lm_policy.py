@@ -43,7 +43,9 @@ class Policy:
                 weights_path=weights_path,
                 optimizer_path=optimizer_path,
             ),
-            env_vars=policy_cfg.dtensor_cfg.env_vars,
+            # Per-worker progress bars (weight loading, shard writing) interleave into noise
+            # across ranks; the driver reports progress instead. The user's env_vars win.
+            env_vars={"HF_HUB_DISABLE_PROGRESS_BARS": "1", **policy_cfg.dtensor_cfg.env_vars},
             name_prefix="policy",
         )
         self.world_size = self.worker_group.world_size

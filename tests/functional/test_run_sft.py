@@ -1,0 +1,113 @@
+"""Whole runs of the SFT entry point, as a user starts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = REPO / "assets" / "tiny-llama"
+
+pytestmark = pytest.mark.slow
+
+
+def run_sft(*overrides: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, str(REPO / "examples" / "run_sft.py"), "--config", str(REPO / "configs" / "sft_tiny.yaml"), *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_quickstart_trains_validates_checkpoints_and_resumes(tmp_path):
+    ckpt_dir, log_dir = tmp_path / "ckpt", tmp_path / "logs"
+    overrides = (
+        "sft.max_num_steps=6",
+        "sft.val_period=3",
+        "sft.val_batches=2",
+        "checkpointing.save_period=2",
+        "checkpointing.keep_top_k=1",
+        f"checkpointing.checkpoint_dir={ckpt_dir}",
+        f"logger.log_dir={log_dir}",
+    )
+    result = run_sft(*overrides)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "run summary" in result.stdout
+
+    metrics = read_jsonl(log_dir / "exp_001" / "metrics.jsonl")
+    train_rows = [row for row in metrics if "train/loss" in row]
+    assert [row["step"] for row in train_rows] == [1, 2, 3, 4, 5, 6]
+    for name in (
+        "train/grad_norm",
+        "train/lr",
+        "train/num_valid_tokens",
+        "train/num_valid_samples",
+        "timing/train/total_step_time",
+        "timing/train/valid_tokens_per_sec_per_worker",
+    ):
+        assert all(row[name] is not None and row[name] >= 0 for row in train_rows), name
+    assert all(row["train/num_valid_samples"] == 16 for row in train_rows)
+    val_losses = {row["step"]: row["validation/val_loss"] for row in metrics if "validation/val_loss" in row}
+    assert sorted(val_losses) == [0, 3, 6]
+    assert val_losses[6] < val_losses[0] - 0.5, val_losses
+    assert (log_dir / "exp_001" / "loss_curve.png").stat().st_size > 0
+
+    # Saved at steps 2, 4, 6; keep_top_k=1 by val loss keeps the best scored one and the latest.
+    steps = sorted(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*"))
+    assert steps[-1] == 6 and len(steps) <= 2
+    assert not list(ckpt_dir.glob("tmp_*"))
+    final = ckpt_dir / "step_6"
+    info = json.loads((final / "training_info.json").read_text())
+    assert info["step"] == 6 and info["consumed_samples"] == 96
+    assert (final / "config.yaml").exists() and (final / "train_dataloader.pt").exists()
+
+    # The hf/ directory is a complete model: it loads and continues the same text the same way.
+    model = AutoModelForCausalLM.from_pretrained(final / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(final / "hf")
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    ids = tokenizer("Where was Ada born?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits)  # it trained
+
+    # Running the same command again resumes from the last checkpoint and has nothing left to do.
+    again = run_sft(*overrides)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout
+    assert len(read_jsonl(log_dir / "exp_002" / "metrics.jsonl")) <= 1
+
+
+def test_a_worker_failing_mid_step_ends_the_run_with_its_rank_and_message(tmp_path):
+    # A model whose vocabulary is smaller than the tokenizer's: the embedding lookup fails inside
+    # the workers at the first training step, after setup succeeded.
+    small_vocab = tmp_path / "small-vocab-llama"
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(small_vocab)
+    shutil.copytree(TINY_MODEL, tmp_path / "tok", ignore=shutil.ignore_patterns("model*", "config.json"))
+
+    started = time.monotonic()
+    result = run_sft(
+        f"policy.model_name={small_vocab}",
+        f"policy.tokenizer.name={tmp_path / 'tok'}",
+        "sft.val_at_start=false",
+        f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"logger.log_dir={tmp_path / 'logs'}",
+        timeout=240,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "rank" in result.stderr and "index out of range" in result.stderr, result.stderr[-4000:]
+    assert "Traceback" in result.stderr  # the worker's own traceback, for debugging
+    assert elapsed < 180
+    assert not list((tmp_path / "ckpt").glob("step_*"))

@@ -8,11 +8,10 @@ and output fields, `kwargs: {instruction_key: ...}` the instruction field.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from nemo_rl.data.datasets.common import as_rows, finish_splits, require_text
-from nemo_rl.data.datasets.local_files import load_rows
-from nemo_rl.data.interfaces import DataError, TaskDataSpec
+from nemo_rl.data.datasets.common import load_formatted, require_text
 
 
 def format_alpaca(
@@ -51,25 +50,21 @@ class AlpacaDataset:
         system_prompt_file: str | None = None,
         config_path: str = "data.train",
     ):
-        rows = [
-            format_alpaca(
-                row,
-                instruction_key=instruction_key,
-                input_key=input_key,
-                output_key=output_key,
-                where=where,
-                config_path=config_path,
-            )
-            for where, row in load_rows(data_path, split=split, config_path=config_path)
-        ]
-        if not rows:
-            raise DataError(f"{config_path}.data_path={data_path!r} holds no rows")
-        self.formatted_ds = finish_splits(
-            as_rows(rows, config_path=config_path),
-            None,
+        format_row = partial(
+            format_alpaca,
+            instruction_key=instruction_key,
+            input_key=input_key,
+            output_key=output_key,
+            config_path=config_path,
+        )
+        self.formatted_ds, self.task_spec = load_formatted(
+            "alpaca",
+            data_path,
+            format_row,
+            split=split,
             split_validation_size=split_validation_size,
             seed=seed,
-        )
-        self.task_spec = TaskDataSpec(
-            "alpaca", prompt_file=prompt_file, system_prompt_file=system_prompt_file
+            prompt_file=prompt_file,
+            system_prompt_file=system_prompt_file,
+            config_path=config_path,
         )

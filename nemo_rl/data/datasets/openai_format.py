@@ -9,11 +9,11 @@ tool-call arguments whose keys differ between rows are not None-filled into one 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from nemo_rl.data.datasets.common import as_rows, check_conversation, finish_splits, require_key, require_text
-from nemo_rl.data.datasets.local_files import load_rows
-from nemo_rl.data.interfaces import DataError, TaskDataSpec
+from nemo_rl.data.datasets.common import check_conversation, load_formatted, require_key, require_text
+from nemo_rl.data.interfaces import DataError
 
 
 def format_openai(
@@ -67,22 +67,23 @@ class OpenAIFormatDataset:
             raise DataError(
                 f"{config_path}.data_path is required for openai_format (a JSONL/JSON file or a Hub name)"
             )
-        rows = [
-            format_openai(
-                row,
-                chat_key=chat_key,
-                system_key=system_key,
-                system_prompt=system_prompt,
-                tool_key=tool_key,
-                where=where,
-                config_path=config_path,
-            )
-            for where, row in load_rows(data_path, split=split, config_path=config_path)
-        ]
-        if not rows:
-            raise DataError(f"{config_path}.data_path={data_path!r} holds no rows")
-        train = as_rows(rows, preserving=use_preserving_dataset, config_path=config_path)
-        self.formatted_ds = finish_splits(train, None, split_validation_size=split_validation_size, seed=seed)
-        self.task_spec = TaskDataSpec(
-            "openai_format", prompt_file=prompt_file, system_prompt_file=system_prompt_file
+        format_row = partial(
+            format_openai,
+            chat_key=chat_key,
+            system_key=system_key,
+            system_prompt=system_prompt,
+            tool_key=tool_key,
+            config_path=config_path,
+        )
+        self.formatted_ds, self.task_spec = load_formatted(
+            "openai_format",
+            data_path,
+            format_row,
+            split=split,
+            split_validation_size=split_validation_size,
+            seed=seed,
+            prompt_file=prompt_file,
+            system_prompt_file=system_prompt_file,
+            config_path=config_path,
+            preserving=use_preserving_dataset,
         )

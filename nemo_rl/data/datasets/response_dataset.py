@@ -7,11 +7,11 @@ pass through unchanged, after the same conversation checks.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from nemo_rl.data.datasets.common import as_rows, check_conversation, finish_splits, require_text
-from nemo_rl.data.datasets.local_files import load_rows
-from nemo_rl.data.interfaces import DataError, TaskDataSpec
+from nemo_rl.data.datasets.common import check_conversation, load_formatted, require_text
+from nemo_rl.data.interfaces import DataError
 
 
 def format_response(
@@ -44,20 +44,17 @@ class ResponseDataset:
             raise DataError(
                 f"{config_path}.data_path is required for ResponseDataset (a JSONL/JSON file or a Hub name)"
             )
-        rows = [
-            format_response(
-                row, input_key=input_key, output_key=output_key, where=where, config_path=config_path
-            )
-            for where, row in load_rows(data_path, split=split, config_path=config_path)
-        ]
-        if not rows:
-            raise DataError(f"{config_path}.data_path={data_path!r} holds no rows")
-        self.formatted_ds = finish_splits(
-            as_rows(rows, config_path=config_path),
-            None,
+        format_row = partial(
+            format_response, input_key=input_key, output_key=output_key, config_path=config_path
+        )
+        self.formatted_ds, self.task_spec = load_formatted(
+            "ResponseDataset",
+            data_path,
+            format_row,
+            split=split,
             split_validation_size=split_validation_size,
             seed=seed,
-        )
-        self.task_spec = TaskDataSpec(
-            "ResponseDataset", prompt_file=prompt_file, system_prompt_file=system_prompt_file
+            prompt_file=prompt_file,
+            system_prompt_file=system_prompt_file,
+            config_path=config_path,
         )

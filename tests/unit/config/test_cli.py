@@ -14,35 +14,6 @@ from nemo_rl.config.cli import main
 
 REPO = Path(__file__).resolve().parents[3]
 
-BASE = """\
-sft:
-  max_num_steps: 10
-policy:
-  model_name: tiny-llama
-  tokenizer:
-    name: ${policy.model_name}
-  train_global_batch_size: 4
-  train_micro_batch_size: 1
-  max_total_sequence_length: 64
-  optimizer:
-    kwargs: {lr: 1.0e-5}
-data:
-  max_input_seq_length: ${policy.max_total_sequence_length}
-  train:
-    dataset_name: squad
-cluster:
-  device: cpu
-  cpu_workers_per_node: 2
-"""
-
-
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    path = tmp_path / "base.yaml"
-    path.write_text(BASE)
-    return path
-
-
 def show(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nemo_rl.config", "show", *args],

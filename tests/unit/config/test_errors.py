@@ -10,44 +10,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from nemo_rl.config import ConfigError, load_config
 from nemo_rl.config.errors import validation_messages
 
-BASE = """\
-sft:
-  max_num_steps: 10
-policy:
-  model_name: tiny-llama
-  tokenizer:
-    name: ${policy.model_name}
-  train_global_batch_size: 4
-  train_micro_batch_size: 1
-  max_total_sequence_length: 64
-  optimizer:
-    kwargs: {lr: 1.0e-5}
-data:
-  max_input_seq_length: ${policy.max_total_sequence_length}
-  train:
-    dataset_name: squad
-cluster:
-  device: cpu
-  cpu_workers_per_node: 2
-"""
-
-
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    path = tmp_path / "base.yaml"
-    path.write_text(BASE)
-    return path
-
-
 def errors_of(path: Path, *overrides: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides)
     return info.value.errors
 
 
-def test_unknown_key_in_yaml_suggests_the_closest_name(tmp_path):
+def test_unknown_key_in_yaml_suggests_the_closest_name(tmp_path, base_yaml):
     path = tmp_path / "typo.yaml"
-    path.write_text(BASE.replace("    kwargs: {lr: 1.0e-5}", "    kwarg: {lr: 1.0e-5}"))
+    path.write_text(base_yaml.replace("    kwargs: {lr: 1.0e-5}", "    kwarg: {lr: 1.0e-5}"))
     assert errors_of(path) == ["policy.optimizer.kwarg: unknown key (did you mean 'kwargs'?)"]
 
 

@@ -15,26 +15,6 @@ from nemo_rl.config.loader import register_resolvers
 
 REPO = Path(__file__).resolve().parents[3]
 
-MINIMAL = """\
-sft:
-  max_num_steps: 10
-policy:
-  model_name: tiny-llama
-  tokenizer:
-    name: ${policy.model_name}
-  train_global_batch_size: 4
-  train_micro_batch_size: 1
-  max_total_sequence_length: 64
-data:
-  max_input_seq_length: ${policy.max_total_sequence_length}
-  train:
-    dataset_name: squad
-cluster:
-  device: cpu
-  cpu_workers_per_node: 2
-"""
-
-
 def write(directory: Path, name: str, text: str) -> Path:
     path = directory / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,8 +234,8 @@ def test_missing_interpolation_target_names_both_keys(tmp_path):
         compose_config(path)
 
 
-def test_mandatory_missing_value(tmp_path):
-    path = write(tmp_path, "m.yaml", MINIMAL.replace("model_name: tiny-llama", "model_name: ???"))
+def test_mandatory_missing_value(tmp_path, minimal_yaml):
+    path = write(tmp_path, "m.yaml", minimal_yaml.replace("model_name: tiny-llama", "model_name: ???"))
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)
@@ -263,8 +243,8 @@ def test_mandatory_missing_value(tmp_path):
     assert "policy.tokenizer.name" not in message  # follows from the one above: said once
 
 
-def test_interpolation_resolves_after_overrides(tmp_path):
-    path = write(tmp_path, "c.yaml", MINIMAL)
+def test_interpolation_resolves_after_overrides(tmp_path, minimal_yaml):
+    path = write(tmp_path, "c.yaml", minimal_yaml)
     cfg = load_config(path, ["policy.model_name=other/model", "policy.max_total_sequence_length=128"])
     assert cfg.policy.tokenizer.name == "other/model"
     assert cfg.data.max_input_seq_length == 128
@@ -289,8 +269,8 @@ def test_resolvers_registered_idempotently_and_not_at_import():
 # ---------------------------------------------------------------- data.default
 
 
-def test_data_default_merged_under_train_and_validation(tmp_path):
-    text = MINIMAL.replace(
+def test_data_default_merged_under_train_and_validation(tmp_path, minimal_yaml):
+    text = minimal_yaml.replace(
         "  train:\n    dataset_name: squad\n",
         "  train:\n    dataset_name: squad\n    seed: 7\n"
         "  validation:\n    data_path: val.jsonl\n"
@@ -305,8 +285,8 @@ def test_data_default_merged_under_train_and_validation(tmp_path):
     assert cfg.data.default == {"seed": 1, "input_key": "question", "prompt_file": "p.txt"}
 
 
-def test_data_default_leaves_null_validation_null(tmp_path):
-    text = MINIMAL + "  validation: null\n  default: {prompt_file: p.txt}\n"
+def test_data_default_leaves_null_validation_null(tmp_path, minimal_yaml):
+    text = minimal_yaml + "  validation: null\n  default: {prompt_file: p.txt}\n"
     text = text.replace("cluster:\n  device: cpu\n  cpu_workers_per_node: 2\n", "") + (
         "cluster: {device: cpu, cpu_workers_per_node: 2}\n"
     )
@@ -315,8 +295,8 @@ def test_data_default_leaves_null_validation_null(tmp_path):
     assert cfg.data.train.prompt_file == "p.txt"
 
 
-def test_unknown_key_in_data_default_is_reported_there_once(tmp_path):
-    path = write(tmp_path, "c.yaml", MINIMAL)
+def test_unknown_key_in_data_default_is_reported_there_once(tmp_path, minimal_yaml):
+    path = write(tmp_path, "c.yaml", minimal_yaml)
     with pytest.raises(ConfigError) as info:
         load_config(path, ["++data.default={promt_file: p.txt}"])
     message = str(info.value)
@@ -359,8 +339,8 @@ def test_config_to_yaml_round_trips_sft_yaml(tmp_path):
     assert load_config(write(tmp_path, "saved.yaml", text)) == cfg
 
 
-def test_config_to_yaml_round_trips_awkward_values(tmp_path):
-    text = MINIMAL.replace(
+def test_config_to_yaml_round_trips_awkward_values(tmp_path, minimal_yaml):
+    text = minimal_yaml.replace(
         "  tokenizer:\n    name: ${policy.model_name}\n",
         "  tokenizer:\n    name: ${policy.model_name}\n"
         "    chat_template: \"{% for m in messages %}\\n  {{ m['content'] }}\\n{% endfor %}\"\n"

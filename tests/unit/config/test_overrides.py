@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,39 +9,25 @@ import pytest
 from nemo_rl.config import ConfigError, compose_config, load_config
 from nemo_rl.config.overrides import Kind, OverrideError, parse_override
 
-BASE = """\
-sft:
-  max_num_steps: 10
-policy:
-  model_name: tiny-llama
-  tokenizer:
-    name: ${policy.model_name}
-  train_global_batch_size: 4
-  train_micro_batch_size: 1
-  max_total_sequence_length: 64
+OPTIMIZER = """\
   optimizer:
     name: torch.optim.AdamW
     kwargs:
       lr: 1.0e-5
       betas: [0.9, 0.98]
-data:
-  max_input_seq_length: ${policy.max_total_sequence_length}
-  train:
-    dataset_name: squad
+"""
+
+VALIDATION_AND_DEFAULT = """\
   validation: null
   default:
     prompt_file: p.txt
-cluster:
-  device: cpu
-  cpu_workers_per_node: 2
 """
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> Path:
-    path = tmp_path / "base.yaml"
-    path.write_text(textwrap.dedent(BASE))
-    return path
+def base_yaml(extend_minimal_yaml) -> str:
+    """The minimal recipe with a list to index into, a null parent to set under and a data.default."""
+    return extend_minimal_yaml(policy=OPTIMIZER, data=VALIDATION_AND_DEFAULT)
 
 
 def compose(base: Path, *overrides: str) -> dict:

@@ -11,16 +11,21 @@ from pathlib import Path
 # Running as `uv run examples/run_sft.py` puts examples/ on sys.path, not the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nemo_rl.algorithms.resume import ResumeError  # noqa: E402
 from nemo_rl.algorithms.sft import setup, sft_train  # noqa: E402
 from nemo_rl.config import parse_run_args  # noqa: E402
 from nemo_rl.config import ConfigError  # noqa: E402
 from nemo_rl.data import DataError  # noqa: E402
 from nemo_rl.distributed import ClusterResourceError, WorkerError  # noqa: E402
 from nemo_rl.utils.errors import exit_on_user_error  # noqa: E402
+from nemo_rl.utils.preflight import PreflightError  # noqa: E402
 from nemo_rl.utils.progress import print_run_header  # noqa: E402
 
 # What a user fixes in their config, data or cluster; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ClusterResourceError, WorkerError, FloatingPointError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError, DataError, ClusterResourceError, WorkerError, FloatingPointError, FileNotFoundError,
+    ResumeError, PreflightError,
+)
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "sft.yaml")
 
 

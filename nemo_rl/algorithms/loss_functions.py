@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nemo_rl.algorithms.chunked_loss import chunked_nll_sum
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 
 
@@ -54,6 +55,22 @@ class NLLLoss:
         ).view_as(mask_BT1)
         nll_sum = (nll_BT1 * mask_BT1).sum()
         # An all-masked global batch has no tokens: its loss is 0, not NaN.
+        loss = nll_sum / global_valid_tokens.to(nll_sum).clamp(min=1.0)
+        metrics = {"nll_sum": nll_sum.detach(), "num_valid_tokens": mask_BT1.sum().detach()}
+        return loss, metrics
+
+    def from_hidden_states(
+        self,
+        hidden_BTH: torch.Tensor,
+        output_layer: torch.nn.Module,
+        batch: BatchedDataDict,
+        global_valid_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same loss from the last hidden states and the output layer, in chunks:
+        no full-vocabulary logits for the micro-batch (see `chunked_loss`)."""
+        mask_BT1 = target_mask(batch).to(hidden_BTH.device)
+        input_ids_BT = batch["input_ids"].to(hidden_BTH.device)
+        nll_sum = chunked_nll_sum(hidden_BTH, output_layer, input_ids_BT, mask_BT1)
         loss = nll_sum / global_valid_tokens.to(nll_sum).clamp(min=1.0)
         metrics = {"nll_sum": nll_sum.detach(), "num_valid_tokens": mask_BT1.sum().detach()}
         return loss, metrics

@@ -7,6 +7,7 @@ own the model shards. Each function here reads top to bottom and calls the rest 
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,16 +18,34 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from nemo_rl.algorithms.resume import (
+    FINGERPRINT_KEY,
+    check_same_data_order,
+    data_fingerprint,
+    last_checkpoint,
+    load_driver_state,
+    resume_hint,
+    resume_hint_on_failure,
+    save_driver_state,
+    seed_driver_rngs,
+    select_checkpoint,
+)
 from nemo_rl.config import MasterConfig, config_to_yaml
+from nemo_rl.config.schema import LoRAConfig
 from nemo_rl.data.collate import sft_collate
 from nemo_rl.data.datasets import load_datasets
 from nemo_rl.data.processors import SFTDataset
+from nemo_rl.data.sampler import EpochSampler
 from nemo_rl.data.tokenizer import get_tokenizer
-from nemo_rl.distributed import RayVirtualCluster, init_ray, shutdown_ray
+from nemo_rl.distributed import RayVirtualCluster, WorkerDiedError, init_ray, shutdown_ray
+from nemo_rl.models.lora import describe_parameters
 from nemo_rl.models.policy import Policy
 from nemo_rl.utils.checkpoint import CheckpointManager
+from nemo_rl.utils.flops import mfu
 from nemo_rl.utils.logger import Logger
+from nemo_rl.utils.preflight import preflight
 from nemo_rl.utils.progress import ProgressReporter
+from nemo_rl.utils.signals import StopRequests
 from nemo_rl.utils.timer import Timer
 
 
@@ -37,6 +56,7 @@ class SFTProgress:
     step: int = 0
     epoch: int = 0
     consumed_samples: int = 0
+    skipped_updates: int = 0  # steps whose non-finite update was not applied
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -53,6 +73,9 @@ class SFTRun:
     progress: SFTProgress
     resumed_from: Path | None
     overlength_counts: dict[str, dict[str, int]]
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)  # checkpoint_must_save_by counts from here
+    restarts: int = 0  # worker-group restarts after a worker died
 
     def shutdown(self) -> None:
         self.policy.shutdown()
@@ -62,6 +85,7 @@ class SFTRun:
 
 def setup(cfg: MasterConfig) -> SFTRun:
     """Data first (bad data fails before any worker starts), then Ray, then the policy."""
+    started_at = time.time()
     tokenizer = get_tokenizer(cfg.policy.tokenizer, trust_remote_code=cfg.policy.trust_remote_code)
     datasets = load_datasets(cfg.data)
     make_dataset = partial(
@@ -104,30 +128,23 @@ def setup(cfg: MasterConfig) -> SFTRun:
             f"(policy.train_global_batch_size={cfg.policy.train_global_batch_size})"
         )
 
+    preflight(cfg)
     checkpointer = CheckpointManager(cfg.checkpointing)
-    progress, resumed_from = SFTProgress(), None
-    if cfg.checkpointing.enabled:
-        checkpointer.remove_incomplete()
-        resumed_from = checkpointer.get_latest_checkpoint_path()
+    fingerprint = data_fingerprint(cfg, datasets.train, len(train_dataset))
+    seed_driver_rngs(cfg.sft.seed)
+    progress = SFTProgress()
+    resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
     if resumed_from is not None:
-        progress = _restore_driver_state(checkpointer, resumed_from, train_dataloader)
+        progress = _restore_driver_state(checkpointer, resumed_from, train_dataloader, fingerprint)
 
     logger = Logger(cfg.logger, run_config=cfg.model_dump(mode="json"))
     init_ray(temp_dir=str(logger.run_dir / "ray"))
-    device = cfg.cluster.resolved_device()
-    cluster = RayVirtualCluster(
-        cfg.cluster.num_nodes, cfg.cluster.workers_per_node(), use_gpus=device == "cuda"
-    )
-    policy = Policy(
-        cluster,
-        cfg.policy,
-        seed=cfg.sft.seed,
-        weights_path=str(resumed_from / "policy" / "weights") if resumed_from else None,
-        optimizer_path=_optimizer_path_if_saved(resumed_from),
-    )
+    cluster, policy = _start_workers(cfg, resumed_from)
+    lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
+    _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
     return SFTRun(
         cfg, tokenizer, train_dataloader, val_dataloader, cluster, policy, logger, checkpointer,
-        progress, resumed_from, overlength_counts,
+        progress, resumed_from, overlength_counts, data_fingerprint=fingerprint, started_at=started_at,
     )
 
 
@@ -144,52 +161,105 @@ def validate(policy: Policy, val_dataloader: StatefulDataLoader, *, val_batches:
 
 
 def sft_train(run: SFTRun) -> dict[str, Any]:
-    """The training loop: one global batch per step, validation and checkpoints on schedule."""
-    cfg, policy, progress = run.cfg, run.policy, run.progress
+    """The training loop: one global batch per step, validation and checkpoints on schedule.
+
+    SIGTERM / SIGINT or `checkpointing.checkpoint_must_save_by` end it early, after the current
+    step and a save. A dead worker restarts the workers from the last checkpoint, at most
+    `cluster.max_restarts` times; past that the error ends the run, saying where to resume.
+    """
+    cfg = run.cfg
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * len(run.train_dataloader))
-    timer = Timer()
-    world_size = run.cluster.world_size
-    last_val: dict[str, float] = {}
-    started = time.monotonic()
+    started, stop_reason = time.monotonic(), None
 
-    with ProgressReporter(total_steps=total_steps, start_step=progress.step) as reporter:
-        if cfg.sft.val_at_start and progress.step == 0 and run.val_dataloader is not None:
-            last_val = _validate_and_log(run, step=0)
-            reporter.update(0, {"validation/val_loss": last_val["val_loss"]})
+    with (
+        ProgressReporter(total_steps=total_steps, start_step=run.progress.step) as reporter,
+        StopRequests(then=_after_stop_text(cfg)) as stop,
+        resume_hint_on_failure(run.checkpointer, run.resumed_from),
+    ):
+        if cfg.sft.val_at_start and run.progress.step == 0 and run.val_dataloader is not None:
+            val_loss = _validate_and_log(run, step=0)["val_loss"]
+            reporter.update(0, {"validation/val_loss": val_loss})
 
-        while progress.step < total_steps and progress.epoch < cfg.sft.max_num_epochs:
-            for batch in run.train_dataloader:
-                with timer.time("total_step_time"):
-                    metrics = policy.train(batch)
-                progress.step += 1
-                progress.consumed_samples += cfg.policy.train_global_batch_size
-                step_time = timer.get("total_step_time", "last")
-                train_metrics = _train_metrics(metrics, step_time, world_size, on_gpu=run.cluster.use_gpus)
-                run.logger.log_metrics(train_metrics, progress.step)
-                progress.metrics.update(
-                    {f"train:{k.split('/', 1)[1]}": v for k, v in train_metrics.items() if k.startswith("train/")}
-                )
-                _stop_on_non_finite(metrics, progress.step)
+        while stop_reason is None and run.progress.step < total_steps and run.progress.epoch < cfg.sft.max_num_epochs:
+            try:
+                stop_reason = _train_epoch(run, reporter, stop, total_steps)
+            except WorkerDiedError as failure:
+                _restart_workers(run, failure)
 
-                is_last = progress.step >= total_steps
-                val_due = cfg.sft.val_period and progress.step % cfg.sft.val_period == 0
-                if run.val_dataloader is not None and (val_due or (is_last and cfg.sft.val_at_end)):
-                    last_val = _validate_and_log(run, step=progress.step)
-                    train_metrics["validation/val_loss"] = last_val["val_loss"]
-                reporter.update(progress.step, train_metrics)
-                if cfg.checkpointing.enabled and run.checkpointer.should_save(progress.step, is_last):
-                    _save_checkpoint(run)
-                if is_last:
-                    break
-            else:
-                progress.epoch += 1  # the loader was exhausted: a new epoch starts
-
-        summary = _summarize(run, total_steps, last_val, time.monotonic() - started)
+        summary = _summarize(run, total_steps, time.monotonic() - started, stop_reason)
         reporter.summary(summary)
     return summary
 
 
-def _summarize(run: SFTRun, total_steps: int, last_val: dict[str, float], wall_time_s: float) -> dict[str, Any]:
+def _train_epoch(run: SFTRun, reporter: ProgressReporter, stop: StopRequests, total_steps: int) -> str | None:
+    """Steps through the rest of the current epoch; returns why it stopped early, if it did."""
+    progress = run.progress
+    run.train_dataloader.sampler.set_epoch(progress.epoch)  # the epoch's order (data/sampler.py)
+    for batch in run.train_dataloader:
+        _train_step(run, batch, reporter, total_steps)
+        is_last = progress.step >= total_steps
+        stop_reason = stop.reason or _deadline_reached(run)
+        if run.cfg.checkpointing.enabled and (run.checkpointer.should_save(progress.step, is_last) or stop_reason):
+            _save_checkpoint(run)
+        if is_last:
+            return None
+        if stop_reason:
+            return stop_reason
+    progress.epoch += 1  # the loader was exhausted: a new epoch starts
+    return None
+
+
+def _train_step(run: SFTRun, batch, reporter: ProgressReporter, total_steps: int) -> None:
+    """One optimizer step on the global `batch`, its metrics logged, then validation when due."""
+    cfg, progress, timer = run.cfg, run.progress, Timer()
+    with timer.time("total_step_time"):
+        metrics = run.policy.train(batch)
+    progress.step += 1
+    progress.consumed_samples += cfg.policy.train_global_batch_size
+    progress.skipped_updates += bool(metrics.get("update_skipped"))
+    step_time = timer.get("total_step_time", "last")
+    train_metrics = _train_metrics(metrics, step_time, run.cluster.world_size, on_gpu=run.cluster.use_gpus)
+    train_metrics["train/skipped_updates"] = progress.skipped_updates
+    run.logger.log_metrics(train_metrics, progress.step)
+    progress.metrics.update(
+        {f"train:{k.split('/', 1)[1]}": v for k, v in train_metrics.items() if k.startswith("train/")}
+    )
+    _stop_on_non_finite(metrics, progress.step, skip=cfg.sft.skip_non_finite_updates, reporter=reporter)
+
+    is_last = progress.step >= total_steps
+    val_due = cfg.sft.val_period and progress.step % cfg.sft.val_period == 0
+    if run.val_dataloader is not None and (val_due or (is_last and cfg.sft.val_at_end)):
+        train_metrics["validation/val_loss"] = _validate_and_log(run, step=progress.step)["val_loss"]
+    reporter.update(progress.step, train_metrics)
+
+
+def _restart_workers(run: SFTRun, failure: WorkerDiedError) -> None:
+    """After a worker died: a new worker group from the last checkpoint, with the loader and the
+    counters rewound to it (no sample lost or counted twice); re-raises past `max_restarts`."""
+    max_restarts = run.cfg.cluster.max_restarts
+    if run.restarts >= max_restarts:
+        raise failure
+    run.restarts += 1
+    run.policy.shutdown()
+    run.cluster.shutdown()
+    run.checkpointer.remove_incomplete()
+    checkpoint = last_checkpoint(run.checkpointer, run.resumed_from)
+    print(
+        f"\n{failure.summary()} on node {failure.node_ip} ({failure.hostname}) died during step "
+        f"{run.progress.step + 1}; restarting the workers ({run.restarts} of cluster.max_restarts="
+        f"{max_restarts}) from {checkpoint or 'step 0'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if checkpoint is None:
+        run.progress = _rewind_to_start(run)
+    else:
+        run.progress = _restore_driver_state(run.checkpointer, checkpoint, run.train_dataloader, run.data_fingerprint)
+    run.cluster, run.policy = _start_workers(run.cfg, checkpoint)
+    run.logger.log_metrics({"fault/worker_restarts": run.restarts}, run.progress.step)
+
+
+def _summarize(run: SFTRun, total_steps: int, wall_time_s: float, stop_reason: str | None = None) -> dict[str, Any]:
     progress = run.progress
     overlength = {
         f"data/{split}_overlength_{kind}": count
@@ -202,11 +272,14 @@ def _summarize(run: SFTRun, total_steps: int, last_val: dict[str, float], wall_t
         "steps": progress.step,
         "total_steps": total_steps,
         "train_loss": progress.metrics.get("train:loss"),
-        "val_loss": last_val.get("val_loss", progress.metrics.get("val:val_loss")),
+        "val_loss": progress.metrics.get("val:val_loss"),
         "wall_time_s": wall_time_s,
         "checkpoint": str(run.checkpointer.get_latest_checkpoint_path() or ""),
         "log_dir": str(run.logger.run_dir),
         "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        "stopped_early": f"on {stop_reason}; {resume_hint(run.checkpointer, run.resumed_from)}" if stop_reason else None,
+        "skipped_updates": progress.skipped_updates or None,
+        "worker_restarts": run.restarts or None,
     }
     summary["loss_curve"] = str(run.logger.finish() or "")
     return summary
@@ -216,14 +289,14 @@ def _summarize(run: SFTRun, total_steps: int, last_val: dict[str, float], wall_t
 
 
 def _train_dataloader(dataset: SFTDataset, collate, cfg: MasterConfig) -> StatefulDataLoader:
-    generator = torch.Generator()
+    generator = torch.Generator()  # seeds the loader's worker processes
     generator.manual_seed(cfg.sft.seed)
     with warnings.catch_warnings():  # torchdata calls a torch API it deprecated itself
         warnings.filterwarnings("ignore", message=".*set_vital.*")
         return StatefulDataLoader(
             dataset,
             batch_size=cfg.policy.train_global_batch_size,
-            shuffle=cfg.data.shuffle,
+            sampler=EpochSampler(len(dataset), seed=cfg.sft.seed, shuffle=cfg.data.shuffle),
             generator=generator,
             collate_fn=collate,
             drop_last=True,  # every step sees a full global batch, so the update size is fixed
@@ -246,6 +319,11 @@ def _train_metrics(metrics: dict[str, Any], step_time: float, world_size: int, *
     }
     if on_gpu:
         out["timing/train/valid_tokens_per_sec_per_gpu"] = tokens_per_sec_per_worker
+    if "num_tokens" in metrics:  # all tokens of the samples with loss, prompts included
+        out["timing/train/tokens_per_sec_per_worker"] = metrics["num_tokens"] / step_time / world_size
+    model_flops_utilization = mfu(metrics.get("model_flops", 0.0), step_time, metrics.get("peak_flops"))
+    if model_flops_utilization is not None:
+        out["train/mfu"] = model_flops_utilization
     for rank, peak in enumerate(metrics.get("peak_memory_gb_per_worker", [])):
         out[f"memory/peak_gb_rank_{rank}"] = peak
     return out
@@ -263,12 +341,28 @@ def _validate_and_log(run: SFTRun, *, step: int) -> dict[str, float]:
     return result
 
 
-def _stop_on_non_finite(metrics: dict[str, Any], step: int) -> None:
-    if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
-        raise FloatingPointError(
-            f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite; "
-            "lower policy.optimizer.kwargs.lr or check the data"
-        )
+def _stop_on_non_finite(metrics: dict[str, Any], step: int, *, skip: bool, reporter: ProgressReporter) -> None:
+    """The workers never apply a non-finite update; this stops the run, or says it went on."""
+    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+        return
+    what = f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite"
+    if skip:
+        reporter.print(f"{what}; update skipped (sft.skip_non_finite_updates=true)")
+        return
+    raise FloatingPointError(
+        f"{what}; the update was not applied and the run stops. Lower policy.optimizer.kwargs.lr or "
+        "check the data; sft.skip_non_finite_updates=true skips such updates instead"
+    )
+
+
+def _deadline_reached(run: SFTRun) -> str | None:
+    if run.checkpointer.deadline_reached(run.started_at):
+        return f"checkpointing.checkpoint_must_save_by={run.cfg.checkpointing.checkpoint_must_save_by}"
+    return None
+
+
+def _after_stop_text(cfg: MasterConfig) -> str:
+    return "saving a checkpoint and exiting" if cfg.checkpointing.enabled else "exiting (checkpointing is disabled)"
 
 
 def _save_checkpoint(run: SFTRun) -> Path:
@@ -277,7 +371,9 @@ def _save_checkpoint(run: SFTRun) -> Path:
         "step": progress.step,
         "epoch": progress.epoch,
         "consumed_samples": progress.consumed_samples,
+        "skipped_updates": progress.skipped_updates,
         "metrics": dict(progress.metrics),
+        FINGERPRINT_KEY: run.data_fingerprint,
     }
     tmp_dir = run.checkpointer.init_tmp_checkpoint(progress.step, training_info, config_to_yaml(run.cfg))
     save_optimizer = run.cfg.checkpointing.save_optimizer
@@ -285,21 +381,68 @@ def _save_checkpoint(run: SFTRun) -> Path:
         weights_path=str(tmp_dir / "policy" / "weights"),
         optimizer_path=str(tmp_dir / "policy" / "optimizer") if save_optimizer else None,
         hf_path=str(tmp_dir / "hf"),
+        hf_merged_path=str(tmp_dir / "hf_merged") if _saves_merged(run.cfg) else None,
     )
     run.tokenizer.save_pretrained(tmp_dir / "hf")
-    torch.save(run.train_dataloader.state_dict(), tmp_dir / "train_dataloader.pt")
+    if _saves_merged(run.cfg):
+        run.tokenizer.save_pretrained(tmp_dir / "hf_merged")
+    save_driver_state(tmp_dir, run.train_dataloader)
     return run.checkpointer.finalize_checkpoint(tmp_dir)
 
 
-def _restore_driver_state(checkpointer: CheckpointManager, path: Path, train_dataloader: StatefulDataLoader) -> SFTProgress:
+def _saves_merged(cfg: MasterConfig) -> bool:
+    """A LoRA run with checkpointing.save_merged also writes hf_merged/ (hf/ holds the adapter)."""
+    return cfg.checkpointing.save_merged and cfg.policy.dtensor_cfg.lora_cfg.enabled
+
+
+def _log_parameter_counts(counts: dict[str, int], lora_cfg: LoRAConfig, logger: Logger, *, first_run: bool) -> None:
+    """Printed at every start; logged (params/trainable, params/total at step 0) once per run."""
+    for line in describe_parameters(counts, lora_cfg):
+        print(line, flush=True)
+    if first_run:
+        logger.log_metrics({k: counts[k] for k in ("trainable", "total")}, 0, prefix="params")
+
+
+def _restore_driver_state(
+    checkpointer: CheckpointManager, path: Path, train_dataloader: StatefulDataLoader, fingerprint: dict[str, Any]
+) -> SFTProgress:
+    """Counters, loader position and driver RNGs from `path`, refused if the data order changed."""
     info = checkpointer.load_training_info(path)
-    train_dataloader.load_state_dict(torch.load(path / "train_dataloader.pt", weights_only=False))
+    check_same_data_order(info.get(FINGERPRINT_KEY), fingerprint, path)
+    load_driver_state(path, train_dataloader)
     return SFTProgress(
         step=info["step"],
         epoch=info["epoch"],
         consumed_samples=info["consumed_samples"],
+        skipped_updates=info.get("skipped_updates", 0),
         metrics=dict(info.get("metrics", {})),
     )
+
+
+def _rewind_to_start(run: SFTRun) -> SFTProgress:
+    """The driver's state of a fresh run (a restart before the first checkpoint)."""
+    run.train_dataloader.load_state_dict({})
+    seed_driver_rngs(run.cfg.sft.seed)
+    return SFTProgress()
+
+
+def _start_workers(cfg: MasterConfig, checkpoint: Path | None) -> tuple[RayVirtualCluster, Policy]:
+    """Reserves the slots and starts one policy worker in each, from `checkpoint` if given."""
+    device = cfg.cluster.resolved_device()
+    cluster = RayVirtualCluster(cfg.cluster.num_nodes, cfg.cluster.workers_per_node(), use_gpus=device == "cuda")
+    try:
+        policy = Policy(
+            cluster,
+            cfg.policy,
+            seed=cfg.sft.seed,
+            weights_path=str(checkpoint / "policy" / "weights") if checkpoint else None,
+            optimizer_path=_optimizer_path_if_saved(checkpoint),
+        )
+    except BaseException:
+        cluster.shutdown()
+        raise
+    print(f"policy workers: {policy.worker_group.describe()}", flush=True)
+    return cluster, policy
 
 
 def _optimizer_path_if_saved(checkpoint: Path | None) -> str | None:

@@ -29,6 +29,9 @@ class SFTConfig(Section):
     val_at_end: bool = False
     seed: int = 42
     only_unmask_final: bool = False
+    # A step whose loss or gradient norm is not finite is never applied. false: the run stops
+    # with an error naming the step; true: it goes on (counted in train/skipped_updates).
+    skip_non_finite_updates: bool = False
 
 
 # ---------------------------------------------------------------- checkpointing
@@ -42,7 +45,20 @@ class CheckpointingConfig(Section):
     keep_top_k: int | None = Field(None, ge=1)
     save_period: int = Field(10, ge=1)
     save_optimizer: bool = True
+    # LoRA runs: also write step_<N>/hf_merged/, the base with the adapter merged in (a full HF
+    # model). Without LoRA hf/ is already the full model and this does nothing.
+    save_merged: bool = False
     checkpoint_must_save_by: str | None = None
+    # auto: continue from the latest complete checkpoint in checkpoint_dir; never: refuse to
+    # start if checkpoint_dir holds complete checkpoints; or the path of one step_<N> directory.
+    resume: str = "auto"
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected 'auto', 'never' or the path of a step_<N> checkpoint directory")
+        return value
 
     @field_validator("metric_name")
     @classmethod
@@ -73,7 +89,16 @@ class LoRAConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dropout_position: Literal["pre", "post"] = "post"
     lora_A_init: Literal["xavier", "uniform"] = "xavier"
-    use_triton: bool = True
+    use_triton: bool = True  # accepted; this build has no fused kernel (logged), never an error
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> LoRAConfig:
+        if self.enabled and not self.target_modules and not self.match_all_linear:
+            raise ValueError(
+                "target_modules is empty and match_all_linear is false, so LoRA would adapt nothing; "
+                "list target_modules (names or patterns like '*_proj') or set match_all_linear=true"
+            )
+        return self
 
 
 class DTensorConfig(Section):
@@ -86,6 +111,11 @@ class DTensorConfig(Section):
     context_parallel_size: int = Field(1, ge=1)
     custom_parallel_plan: str | None = None
     lora_cfg: LoRAConfig = Field(default_factory=LoRAConfig)
+    # torch.compile each decoder layer (needs a C++ compiler on CPU, Triton on GPUs).
+    compile: bool = False
+    # The loss from hidden states in chunks, without full-vocabulary logits for the
+    # micro-batch; used only where the worker verifies it equals the plain loss.
+    chunked_loss: bool = True
 
 
 class DynamicBatchingConfig(Section):
@@ -176,6 +206,14 @@ class PolicyConfig(Section):
                 "policy.dynamic_batching.enabled and policy.sequence_packing.enabled are mutually "
                 "exclusive; turn one of them off"
             )
+        for name in ("dynamic_batching", "sequence_packing"):
+            section = getattr(self, name)
+            if section.enabled and (section.train_mb_tokens or 0) and section.train_mb_tokens < self.max_total_sequence_length:
+                raise ValueError(
+                    f"policy.{name}.train_mb_tokens={section.train_mb_tokens} is less than "
+                    f"policy.max_total_sequence_length={self.max_total_sequence_length}: the longest "
+                    "sample would fit no micro-batch"
+                )
         if self.megatron_cfg.enabled:
             raise ValueError(
                 "policy.megatron_cfg.enabled=true: the Megatron-core backend is not available in "
@@ -289,6 +327,9 @@ class ClusterConfig(Section):
     gpus_per_node: int = Field(1, ge=1)
     cpu_workers_per_node: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
+    # When a worker process dies: restart the workers from the last checkpoint up to this many
+    # times per run; 0: stop with an error that says which checkpoint a resume would use.
+    max_restarts: int = Field(0, ge=0)
 
     def resolved_device(self) -> Literal["cuda", "cpu"]:
         """`auto` becomes cuda when this process sees a GPU, cpu otherwise."""

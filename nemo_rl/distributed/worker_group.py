@@ -132,6 +132,7 @@ class WorkerInfo:
     node_ip: str
     hostname: str
     node_id: str
+    pid: int  # of the worker process on its node (for py-spy, top, kill)
 
 
 class RayWorkerGroup:
@@ -234,6 +235,10 @@ class RayWorkerGroup:
         """
         return self._gather(futures, getattr(futures, "call", "a worker method"))
 
+    def describe(self) -> str:
+        """Where each rank runs: "rank 0 pid 4242 on host-a (10.0.0.1), rank 1 pid ..."."""
+        return ", ".join(f"rank {w.rank} pid {w.pid} on {w.hostname} ({w.node_ip})" for w in self.workers)
+
     def shutdown(self) -> None:
         """Kill the workers; idempotent, and safe after a failure or after Ray has shut down."""
         hosts, self._hosts = self._hosts, []
@@ -325,9 +330,9 @@ def _root_cause(failures: list[WorkerError]) -> WorkerError:
     return ordered[0].with_also_failed(ordered[1:]) if len(ordered) > 1 else ordered[0]
 
 
-def _place_ranks(nodes: list[tuple[str, str, str]]) -> list[WorkerInfo]:
-    """Local ranks and node ranks from where each rank actually runs ((ip, hostname, node_id))."""
-    node_ids = list(dict.fromkeys(node_id for _, _, node_id in nodes))  # first-seen order
+def _place_ranks(nodes: list[tuple[str, str, str, int]]) -> list[WorkerInfo]:
+    """Local ranks and node ranks from where each rank actually runs ((ip, hostname, node_id, pid))."""
+    node_ids = list(dict.fromkeys(node[2] for node in nodes))  # first-seen order
     ranks_on = {nid: [r for r, n in enumerate(nodes) if n[2] == nid] for nid in node_ids}
     return [
         WorkerInfo(
@@ -338,8 +343,9 @@ def _place_ranks(nodes: list[tuple[str, str, str]]) -> list[WorkerInfo]:
             node_ip=ip,
             hostname=hostname,
             node_id=node_id,
+            pid=pid,
         )
-        for rank, (ip, hostname, node_id) in enumerate(nodes)
+        for rank, (ip, hostname, node_id, pid) in enumerate(nodes)
     ]
 
 
@@ -373,11 +379,12 @@ class _WorkerHost:
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
         return self._label
 
-    def node_info(self) -> tuple[str, str, str]:
+    def node_info(self) -> tuple[str, str, str, int]:
         return (
             ray.util.get_node_ip_address(),
             socket.gethostname(),
             ray.get_runtime_context().get_node_id(),
+            os.getpid(),
         )
 
     def free_port(self) -> int:

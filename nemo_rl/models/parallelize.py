@@ -1,6 +1,7 @@
 """Parallelism applied to a Hugging Face causal LM by plain functions, called in this order:
 
     apply_activation_checkpointing(model)      # optional
+    apply_compile(model)                       # optional
     apply_fsdp(model, mesh, param_dtype=..., reduce_dtype=..., cpu_offload=...)
 
 Nothing here subclasses the model; each function changes it in place and returns it.
@@ -45,6 +46,19 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     (wrapping the layers would add a prefix). Active in train mode only.
     """
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_compile(model: nn.Module, *, backend: str = "inductor") -> nn.Module:
+    """torch.compile each decoder layer's forward (the layers share one compiled graph).
+
+    Only `forward` is compiled, so the module hooks FSDP adds later run eagerly around it,
+    and parameter names and the state dict are unchanged (no `_orig_mod.` wrapper).
+    Shapes that vary between micro-batches (dynamic batching, packing) recompile once,
+    then run with dynamic shapes.
+    """
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, backend=backend)
     return model
 
 

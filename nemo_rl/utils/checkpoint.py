@@ -41,6 +41,9 @@ _STEP_RE = re.compile(r"step_(\d+)")
 _TMP_PREFIX = "tmp_step_"
 # where finalize_checkpoint parks an existing step_<N> while it replaces it
 _OLD_PREFIX = "tmp_old_step_"
+# where keep_top_k moves a checkpoint before deleting it, so a crash mid-delete never leaves
+# a half-deleted step_<N> that still looks complete
+_PRUNED_PREFIX = "tmp_pruned_step_"
 
 
 def checkpoint_metrics(
@@ -171,8 +174,9 @@ class CheckpointManager:
     def remove_incomplete(self) -> list[Path]:
         """Delete leftovers of interrupted saves; call once at start. Returns what was deleted.
 
-        `tmp_step_<N>/` is always deleted. `tmp_old_step_<N>/` (an interrupted replacement)
-        is moved back to `step_<N>/` if that is missing, deleted otherwise.
+        `tmp_step_<N>/` (an interrupted save) and `tmp_pruned_step_<N>/` (an interrupted
+        keep_top_k deletion) are always deleted. `tmp_old_step_<N>/` (an interrupted
+        replacement) is moved back to `step_<N>/` if that is missing, deleted otherwise.
         """
         removed: list[Path] = []
         if not self.checkpoint_dir.is_dir():
@@ -186,7 +190,7 @@ class CheckpointManager:
                     os.rename(path, final_path)
                     log.warning("checkpoint: restored %s from an interrupted save", final_path)
                     continue
-            elif not path.name.startswith(_TMP_PREFIX):
+            elif not path.name.startswith((_TMP_PREFIX, _PRUNED_PREFIX)):
                 continue
             log.warning("checkpoint: removing incomplete %s from an interrupted save", path)
             shutil.rmtree(path)
@@ -268,7 +272,9 @@ class CheckpointManager:
             if step == latest_step:
                 continue
             log.info("checkpoint: keep_top_k=%d, removing %s", k, path)
-            shutil.rmtree(path)
+            pruned = path.parent / f"{_PRUNED_PREFIX}{step}"
+            os.rename(path, pruned)
+            shutil.rmtree(pruned)
             removed.append(path)
         return removed
 

@@ -49,6 +49,8 @@ class Policy:
             name_prefix="policy",
         )
         self.world_size = self.worker_group.world_size
+        # {"trainable": ..., "total": ...}: parameter counts of the whole model (LoRA: adapter vs all).
+        self.parameter_counts: dict[str, int] = self.worker_group.run_all("get_parameter_counts")[0]
 
     def train(self, batch: BatchedDataDict, loss_fn: LossFn | None = None) -> dict[str, Any]:
         """One optimizer step on the global `batch`. `loss_fn` (picklable, called as
@@ -58,10 +60,13 @@ class Policy:
             "train", shards, micro_batch_size=self.cfg.train_micro_batch_size, loss_fn=loss_fn
         )
         # loss, grad_norm, lr and the global counts are already reduced: identical on all ranks.
-        shared = ("loss", "grad_norm", "lr", "num_valid_tokens", "num_valid_samples")
+        shared = ("loss", "grad_norm", "lr", "num_valid_tokens", "num_valid_samples", "num_tokens", "model_flops")
         metrics = {k: results[0][k] for k in shared}
+        metrics["update_skipped"] = any(r["update_skipped"] for r in results)  # all agree
         metrics["peak_memory_gb"] = max(r["peak_memory_gb"] for r in results)
         metrics["peak_memory_gb_per_worker"] = [r["peak_memory_gb"] for r in results]
+        peaks = [r["peak_flops"] for r in results]
+        metrics["peak_flops"] = sum(peaks) if all(peaks) else None  # of all workers together
         metrics["local_valid_tokens_per_worker"] = [r["local_valid_tokens"] for r in results]
         return metrics
 
@@ -80,11 +85,19 @@ class Policy:
         weights_path: str | None,
         optimizer_path: str | None = None,
         hf_path: str | None = None,
+        hf_merged_path: str | None = None,
     ) -> None:
         """Sharded DCP weights (and optimizer + scheduler) for resuming; `hf_path`: a complete
-        Hugging Face model directory (written by rank 0). The caller owns the directories."""
+        Hugging Face model directory (written by rank 0). The caller owns the directories.
+
+        With LoRA, the weights are the adapter's only, `hf_path` is a PEFT adapter directory and
+        `hf_merged_path` (optional) a full model with the adapter merged in."""
         self.worker_group.run_all(
-            "save_checkpoint", weights_path=weights_path, optimizer_path=optimizer_path, hf_path=hf_path
+            "save_checkpoint",
+            weights_path=weights_path,
+            optimizer_path=optimizer_path,
+            hf_path=hf_path,
+            hf_merged_path=hf_merged_path,
         )
 
     def shutdown(self) -> None:

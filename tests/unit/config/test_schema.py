@@ -61,3 +61,21 @@ def test_scheduler_error_comes_from_one_form_only():
 def test_scheduler_milestone_count_is_checked():
     with pytest.raises(ValidationError, match=r"policy\.scheduler: 2 schedulers need 1 milestones"):
         policy(scheduler=[{"name": "a"}, {"name": "b"}])
+
+
+def test_packing_and_dynamic_batching_are_mutually_exclusive():
+    with pytest.raises(ValidationError, match="mutually exclusive"):
+        policy(sequence_packing={"enabled": True}, dynamic_batching={"enabled": True})
+
+
+@pytest.mark.parametrize("section", ["sequence_packing", "dynamic_batching"])
+def test_token_budget_must_hold_the_longest_sample(section):
+    with pytest.raises(ValidationError, match=rf"policy.{section}.train_mb_tokens=32 is less than"):
+        policy(**{section: {"enabled": True, "train_mb_tokens": 32}})
+    assert getattr(policy(**{section: {"enabled": True, "train_mb_tokens": 64}}), section).enabled
+    assert policy(**{section: {"enabled": False, "train_mb_tokens": 8}})  # off: not checked
+
+
+def test_compile_is_off_and_the_chunked_loss_on_by_default():
+    cfg = policy()
+    assert cfg.dtensor_cfg.compile is False and cfg.dtensor_cfg.chunked_loss is True

@@ -12,11 +12,14 @@ What one `train` call does, for this rank's shard of the global batch:
      FSDP reduce-scatters each micro-batch's gradients with a SUM over ranks (see
      `parallelize.apply_fsdp`), so the accumulated gradient is that of the global-mean loss;
   3. global gradient norm (over all shards), clip at `max_grad_norm`, optimizer and
-     scheduler step, zero the gradients.
+     scheduler step, zero the gradients. A non-finite loss or gradient norm skips the
+     optimizer step on every rank (`update_skipped` in the result).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import resource
 from typing import Any, Callable
@@ -39,14 +42,24 @@ from nemo_rl.algorithms.loss_functions import NLLLoss, count_valid_tokens
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.distributed.worker_env import init_torch_distributed
-from nemo_rl.models.parallelize import PRECISIONS, apply_activation_checkpointing, apply_fsdp
+from nemo_rl.models.lora import apply_lora, merge_lora_state_dict, parameter_counts, peft_target_modules, save_peft_adapter
+from nemo_rl.models.parallelize import PRECISIONS, apply_activation_checkpointing, apply_compile, apply_fsdp
+from nemo_rl.models.policy.forward import (
+    forward_hidden_states,
+    forward_logits,
+    output_layer_gives_logits,
+    packed_attention_is_isolated,
+)
+from nemo_rl.models.policy.micro_batching import token_budget_micro_batches, uses_token_budget
 from nemo_rl.models.policy.hf_export import save_hf_checkpoint, shared_parameter_aliases
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
+from nemo_rl.utils.flops import device_peak_flops, training_flops
 
 LossFn = Callable[[torch.Tensor, BatchedDataDict, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
 RNG_FILE = "rng_rank{rank}.pt"  # in optimizer_path, one per rank (dropout streams)
+log = logging.getLogger(__name__)
 
 
 class DTensorPolicyWorker:
@@ -70,10 +83,25 @@ class DTensorPolicyWorker:
             trust_remote_code=policy_cfg.trust_remote_code,
             dtype=torch.float32,
         )
+        lora_cfg = policy_cfg.dtensor_cfg.lora_cfg
+        self.lora_targets = apply_lora(model, lora_cfg) if lora_cfg.enabled else []
+        self.parameter_counts = {**parameter_counts(model), "lora_modules": len(self.lora_targets)}
+        if self.rank == 0:
+            log.info("parameters: %(trainable)d trainable of %(total)d", self.parameter_counts)
         self.tied_keys = shared_parameter_aliases(model)
+        # Checked on the loaded model (a few tokens, before compiling and sharding) rather
+        # than assumed; see models/policy/forward.py.
+        self.chunked_loss = policy_cfg.dtensor_cfg.chunked_loss and output_layer_gives_logits(model)
+        if policy_cfg.sequence_packing.enabled and not packed_attention_is_isolated(model):
+            raise ValueError(
+                f"policy.sequence_packing: {policy_cfg.model_name} lets packed samples attend to each "
+                "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
+            )
         mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
         if policy_cfg.dtensor_cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if policy_cfg.dtensor_cfg.compile:
+            apply_compile(model)
         apply_fsdp(
             model,
             mesh,
@@ -82,9 +110,10 @@ class DTensorPolicyWorker:
             cpu_offload=policy_cfg.dtensor_cfg.cpu_offload,
         )
         self.model = model
-        self.optimizer = build_optimizer(model.parameters(), policy_cfg.optimizer)
+        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], policy_cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, *policy_cfg.scheduler_entries())
         self.loss_fn: LossFn = NLLLoss()
+        self.peak_flops, _ = device_peak_flops(self.device, PRECISIONS[policy_cfg.precision])
 
         # Randomness that should differ per rank (dropout) from here on.
         torch.manual_seed(seed + self.rank)
@@ -110,23 +139,28 @@ class DTensorPolicyWorker:
 
         local_valid_tokens = count_valid_tokens(batch)
         local_valid_samples = (batch["sample_mask"] > 0).sum().to(torch.float64)
-        counts = torch.stack([local_valid_tokens, local_valid_samples]).to(self.device)
+        lengths = batch["input_lengths"][batch["sample_mask"] > 0].tolist()  # the tokens of samples with loss
+        flops = training_flops(self.model.config, lengths, num_targets=int(local_valid_tokens.item()))
+        work = torch.tensor([sum(lengths), flops], dtype=torch.float64)
+        counts = torch.cat([torch.stack([local_valid_tokens, local_valid_samples]), work]).to(self.device)
         dist.all_reduce(counts)
         global_valid_tokens = counts[0].to(torch.float32)
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for mb in batch.micro_batches(micro_batch_size):
-            mb = _trim_right_padding(mb, self.cfg.make_sequence_length_divisible_by).to(self.device)
-            logits_BTV = self._forward(mb)
-            loss, _ = loss_fn(logits_BTV, mb, global_valid_tokens)
+        for mb in self._micro_batches(batch, micro_batch_size):
+            loss, _ = self._loss(loss_fn, mb.to(self.device), global_valid_tokens)
             loss.backward()
             loss_sum += loss.detach()
-            del logits_BTV, loss  # free this micro-batch's logits before the next forward
+            del loss  # free this micro-batch's activations before the next forward
         dist.all_reduce(loss_sum)
 
         grad_norm = self._clip_grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        # Never apply a non-finite update (the driver stops or goes on, per its config). Both
+        # numbers are global, so every rank takes the same branch; the schedule still advances.
+        update_skipped = not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm))
+        if not update_skipped:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
@@ -137,6 +171,10 @@ class DTensorPolicyWorker:
             "num_valid_samples": int(counts[1].item()),
             "local_valid_tokens": int(local_valid_tokens.item()),
             "peak_memory_gb": self._peak_memory_gb(),
+            "num_tokens": int(counts[2].item()),
+            "model_flops": counts[3].item(),
+            "peak_flops": self.peak_flops,
+            "update_skipped": update_skipped,
         }
 
     @torch.no_grad()
@@ -145,9 +183,8 @@ class DTensorPolicyWorker:
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         num_valid_tokens = 0.0
-        for mb in batch.micro_batches(micro_batch_size):
-            mb = _trim_right_padding(mb, self.cfg.make_sequence_length_divisible_by).to(self.device)
-            _, metrics = self.loss_fn(self._forward(mb), mb, torch.ones((), device=self.device))
+        for mb in self._micro_batches(batch, micro_batch_size):
+            _, metrics = self._loss(self.loss_fn, mb.to(self.device), torch.ones((), device=self.device))
             loss_sum += metrics["nll_sum"]
             num_valid_tokens += metrics["num_valid_tokens"].item()
         return {"loss_sum": loss_sum.item(), "num_valid_tokens": num_valid_tokens}
@@ -161,7 +198,28 @@ class DTensorPolicyWorker:
     def _forward(self, mb: BatchedDataDict) -> torch.Tensor:
         # Padding is on the right, so the causal mask alone keeps every valid token from
         # seeing it: no attention mask needed, and default position ids are right.
-        return self.model(input_ids=mb["input_ids"], use_cache=False).logits
+        return forward_logits(self.model, mb)
+
+    def _micro_batches(self, batch: BatchedDataDict, micro_batch_size: int) -> list[BatchedDataDict]:
+        """Packed or token-budget micro-batches when configured, else `micro_batch_size` rows."""
+        if uses_token_budget(self.cfg):
+            return token_budget_micro_batches(batch, self.cfg, max_over_ranks=self._max_over_ranks)
+        return [
+            _trim_right_padding(mb, self.cfg.make_sequence_length_divisible_by)
+            for mb in batch.micro_batches(micro_batch_size)
+        ]
+
+    def _loss(self, loss_fn: LossFn, mb: BatchedDataDict, global_valid_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The chunked loss (no full logits) where the loss function and the model allow it."""
+        if self.chunked_loss and hasattr(loss_fn, "from_hidden_states"):
+            hidden_BTH = forward_hidden_states(self.model, mb)
+            return loss_fn.from_hidden_states(hidden_BTH, self.model.get_output_embeddings(), mb, global_valid_tokens)
+        return loss_fn(self._forward(mb), mb, global_valid_tokens)
+
+    def _max_over_ranks(self, n: int) -> int:
+        count = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count.item())
 
     def _clip_grad_norm(self) -> float:
         """The norm of the whole gradient (all shards), clipped to `max_grad_norm` if set."""
@@ -188,16 +246,23 @@ class DTensorPolicyWorker:
         weights_path: str | None,
         optimizer_path: str | None = None,
         hf_path: str | None = None,
+        hf_merged_path: str | None = None,
     ) -> None:
-        """Writes into the given directories (each rank its shard); the driver renames."""
+        """Writes into the given directories (each rank its shard); the driver renames.
+
+        A LoRA run writes its adapter only (weights_path, and hf_path as a PEFT adapter
+        directory); `hf_merged_path`, if given, gets the base with the adapter merged in.
+        """
         if weights_path is not None:
-            dcp.save(get_model_state_dict(self.model), checkpoint_id=weights_path)
+            dcp.save(self._trainable_state_dict(), checkpoint_id=weights_path)
         if optimizer_path is not None:
             dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=optimizer_path)
             if self.rank == 0:
                 torch.save(self.scheduler.state_dict(), os.path.join(optimizer_path, SCHEDULER_FILE))
             torch.save(_rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
-        if hf_path is not None:
+        if hf_path is not None and self.lora_targets:
+            self._save_lora(hf_path, hf_merged_path)
+        elif hf_path is not None:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             full_state_dict = get_model_state_dict(self.model, options=options)
             if self.rank == 0:
@@ -212,10 +277,43 @@ class DTensorPolicyWorker:
             del full_state_dict
         dist.barrier()
 
+    def _trainable_state_dict(self) -> dict[str, Any]:
+        """This rank's shards of what trains: the whole model, or a LoRA run's adapter only
+        (the frozen base, tied aliases included, comes from `model_name` again on resume)."""
+        frozen = {name for name, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {k: v for k, v in get_model_state_dict(self.model).items() if k not in frozen}
+
+    def _save_lora(self, hf_path: str, merged_path: str | None) -> None:
+        """All ranks gather (the adapter only, unless merging needs the base too); rank 0
+        writes the PEFT adapter directory and the merged model."""
+        if merged_path is None:
+            state_dict = {k: _full_tensor(v) for k, v in self._trainable_state_dict().items()}
+        else:
+            state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return
+        lora_cfg = self.cfg.dtensor_cfg.lora_cfg
+        target_modules = peft_target_modules(self.model, self.lora_targets)
+        save_peft_adapter(state_dict, hf_path, lora_cfg, base_model=self.cfg.model_name, target_modules=target_modules)
+        if merged_path is not None:
+            save_hf_checkpoint(
+                merge_lora_state_dict(state_dict, lora_cfg),
+                merged_path,
+                config=self.model.config,
+                generation_config=self.model.generation_config,
+                trust_remote_code=self.cfg.trust_remote_code,
+                tied_keys=self.tied_keys,
+            )
+
+    def get_parameter_counts(self) -> dict[str, int]:
+        """{"trainable", "total"} parameters of the whole (unsharded) model; "lora_modules"."""
+        return dict(self.parameter_counts)
+
     def _load_weights(self, weights_path: str) -> None:
-        state_dict = get_model_state_dict(self.model)
-        dcp.load(state_dict, checkpoint_id=weights_path)
-        set_model_state_dict(self.model, state_dict)
+        state_dict = self._trainable_state_dict()
+        dcp.load(state_dict, checkpoint_id=weights_path)  # fails on any key the checkpoint lacks
+        # not strict: a LoRA run's frozen base weights are not in the checkpoint.
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=False))
 
     def _load_optimizer(self, optimizer_path: str) -> None:
         state_dict = get_optimizer_state_dict(self.model, self.optimizer)
@@ -229,6 +327,13 @@ class DTensorPolicyWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _full_tensor(value: Any) -> Any:
+    """The whole tensor on CPU (all-gathered from the ranks' shards if it is a DTensor)."""
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

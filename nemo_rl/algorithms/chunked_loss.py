@@ -1,0 +1,68 @@
+"""Masked next-token NLL from hidden states, without full-vocabulary logits for the batch.
+
+Shape legend: B batch, T time, H hidden, V vocabulary, N target tokens, C tokens per chunk.
+
+The plain loss materialises logits_BTV and an fp32 copy of them: for Llama-3.2-1B
+(V = 128256) that is 0.5 MB per token per copy, several GB for a micro-batch of a few thousand
+tokens. Here:
+  1. only the positions that predict a target are kept (hidden_NH: SFT masks the prompt, so
+     N is often a small fraction of B x T);
+  2. the output layer and the fp32 cross-entropy run over C of them at a time, each chunk
+     under activation checkpointing, so backward recomputes one chunk's logits at a time
+     instead of keeping all of them.
+Peak extra memory is one chunk's logits (C x V) instead of B x T x V. The per-token
+arithmetic is the plain loss's (same output layer, same fp32 cross-entropy), so the sum
+equals it up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# fp32 logits elements per chunk (128 MiB): C = max(1, this // V).
+CHUNK_LOGIT_ELEMENTS = 2**25
+
+
+def _chunk_nll_sum(output_layer: nn.Module, hidden_CH: torch.Tensor, targets_C: torch.Tensor, weights_C: torch.Tensor) -> torch.Tensor:
+    logits_CV = output_layer(hidden_CH).to(torch.float32)
+    return (F.cross_entropy(logits_CV, targets_C, reduction="none") * weights_C).sum()
+
+
+def chunked_nll_sum(
+    hidden_BTH: torch.Tensor,
+    output_layer: nn.Module,
+    input_ids_BT: torch.Tensor,
+    mask_BT1: torch.Tensor,
+    *,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """sum over t of mask[b, t] * NLL(input_ids[b, t + 1] | hidden[b, t]), a 0-dim fp32 tensor.
+
+    `mask_BT1` (B, T-1) weights the prediction made at position t (of token t + 1).
+    """
+    keep_BT1 = mask_BT1 != 0
+    hidden_NH = hidden_BTH[:, :-1][keep_BT1]
+    targets_N = input_ids_BT[:, 1:][keep_BT1]
+    weights_N = mask_BT1[keep_BT1].to(torch.float32)
+    if hidden_NH.shape[0] == 0:
+        # No target here (an all-masked or filler micro-batch): a zero that still reaches
+        # every layer, so backward (and FSDP's gradient reduction) runs as on other ranks.
+        return hidden_BTH.sum().to(torch.float32) * 0.0
+    if chunk_tokens is None:
+        vocab = getattr(output_layer, "out_features", None) or output_layer.weight.shape[0]
+        chunk_tokens = max(1, CHUNK_LOGIT_ELEMENTS // vocab)
+    total = torch.zeros((), dtype=torch.float32, device=hidden_BTH.device)
+    for start in range(0, hidden_NH.shape[0], chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        total = total + checkpoint(
+            _chunk_nll_sum,
+            output_layer,
+            hidden_NH[chunk],
+            targets_N[chunk],
+            weights_N[chunk],
+            use_reentrant=False,
+        )
+    return total

@@ -1,0 +1,126 @@
+"""Token-budget micro-batches of one rank's local batch: dynamic batching or sequence packing.
+
+Shape legend: B batch (samples), T time (tokens).
+
+Both run on the worker, after the driver has split the global batch over the data-parallel
+ranks, and both only regroup samples: every sample that carries loss lands in exactly one
+micro-batch, and the loss of each is still divided by the global count of valid tokens.
+So the loss and the update equal those of plain fixed-size micro-batches.
+
+  dynamic batching   rows sorted by length, grouped while rows x (longest length rounded up
+                     to `sequence_length_round`) <= `train_mb_tokens`; padded per micro-batch.
+  sequence packing   samples bin-packed (`algorithm`) into rows of <= `train_mb_tokens`
+                     tokens, one packed row per micro-batch (`data.packing.pack_rows`).
+
+Samples with no target token (sample_mask 0, or an all-masked sample, or the driver's filler
+rows) contribute nothing to the loss or the gradient, so they are left out.
+
+FSDP runs collectives in every forward and backward, so all ranks must run the same number
+of micro-batches: the largest count over the ranks is agreed (`max_over_ranks`), and a rank
+with fewer splits its fullest micro-batches, or, when it has no more samples to spread,
+adds filler micro-batches that carry no loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from nemo_rl.algorithms.loss_functions import target_mask
+from nemo_rl.config.schema import PolicyConfig
+from nemo_rl.data.batched_data_dict import BatchedDataDict
+from nemo_rl.data.packing import PACKING_ALGORITHMS, Bins, pack_rows, round_up
+
+
+def uses_token_budget(cfg: PolicyConfig) -> bool:
+    return cfg.sequence_packing.enabled or cfg.dynamic_batching.enabled
+
+
+def token_budget(cfg: PolicyConfig) -> tuple[int, int]:
+    """(train_mb_tokens, the multiple lengths are rounded up to). An unset train_mb_tokens
+    means NeMo RL's default: max_total_sequence_length x train_micro_batch_size."""
+    section = cfg.sequence_packing if cfg.sequence_packing.enabled else cfg.dynamic_batching
+    budget = section.train_mb_tokens or cfg.max_total_sequence_length * cfg.train_micro_batch_size
+    multiple = math.lcm(section.sequence_length_round, cfg.make_sequence_length_divisible_by)
+    return budget, multiple
+
+
+def dynamic_batch_groups(lengths: list[int], budget: int, multiple: int) -> Bins:
+    """Longest first; a group grows while rows x its padded width stays within `budget`
+    (a row that alone exceeds it forms a group of its own)."""
+    groups: Bins = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if groups and (len(groups[-1]) + 1) * round_up(lengths[groups[-1][0]], multiple) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def spread_to_count(groups: Bins, lengths: list[int], count: int) -> Bins:
+    """`count` groups: split the group with the most tokens (of those with two or more samples)
+    into two balanced halves until there are enough, then add empty groups (fillers).
+    A subset of a group that fits the budget fits it too."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        splittable = [g for g in groups if len(g) > 1]
+        if not splittable:
+            groups += [[] for _ in range(count - len(groups))]
+            break
+        fullest = max(splittable, key=lambda g: sum(lengths[i] for i in g))
+        groups.remove(fullest)
+        by_length = sorted(fullest, key=lambda i: -lengths[i])
+        groups += [by_length[0::2], by_length[1::2]]
+    return groups
+
+
+def _filler(batch: BatchedDataDict, multiple: int, packed: bool) -> BatchedDataDict:
+    """One row of padding that carries no loss."""
+    width = round_up(2, multiple)
+    mb = BatchedDataDict(
+        input_ids=torch.zeros((1, width), dtype=batch["input_ids"].dtype),
+        input_lengths=torch.zeros(1, dtype=torch.int64),
+        token_mask=torch.zeros((1, width), dtype=torch.float32),
+        sample_mask=torch.zeros(1, dtype=torch.float32),
+    )
+    if packed:
+        mb["position_ids"] = torch.arange(width)[None]
+    return mb
+
+
+def _padded_rows(batch: BatchedDataDict, group: list[int], multiple: int) -> BatchedDataDict:
+    mb = batch.select(group)
+    width = min(mb["input_ids"].shape[1], round_up(max(int(mb["input_lengths"].max()), 2), multiple))
+    T = mb["input_ids"].shape[1]
+    return BatchedDataDict(
+        {k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == T else v for k, v in mb.items()}
+    )
+
+
+def token_budget_micro_batches(
+    batch: BatchedDataDict, cfg: PolicyConfig, *, max_over_ranks: Callable[[int], int]
+) -> list[BatchedDataDict]:
+    """This rank's micro-batches under `policy.sequence_packing` or `policy.dynamic_batching`
+    (whichever is enabled); `max_over_ranks(n)` returns the largest n over the ranks."""
+    budget, multiple = token_budget(cfg)
+    has_targets_B = target_mask(batch).sum(dim=1) > 0
+    kept = has_targets_B.nonzero().flatten().tolist()
+    lengths = [int(n) for n in batch["input_lengths"][kept].tolist()]
+    packed = cfg.sequence_packing.enabled
+    if packed:
+        groups = PACKING_ALGORITHMS[cfg.sequence_packing.algorithm](lengths, budget)
+    else:
+        groups = dynamic_batch_groups(lengths, budget, multiple)
+    groups = spread_to_count(groups, lengths, max_over_ranks(max(1, len(groups))))
+    micro_batches = []
+    for group in groups:
+        rows = [kept[i] for i in group]
+        if not rows:
+            micro_batches.append(_filler(batch, multiple, packed))
+        elif packed:
+            micro_batches.append(pack_rows(batch, [rows], multiple=multiple))
+        else:
+            micro_batches.append(_padded_rows(batch, rows, multiple))
+    return micro_batches

@@ -150,7 +150,7 @@ def test_raise_in_init_is_reported_at_once_and_frees_the_slots(cluster):
     start = time.monotonic()
     with pytest.raises(WorkerError) as info:
         RayWorkerGroup(cluster, InitFailsWorker)  # rank 0 would sit in __init__ for a minute
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 30  # far below the minute rank 0 sleeps, with room for a busy machine
     err = info.value
     assert err.rank == 1 and err.call == "InitFailsWorker.__init__()"
     assert "RuntimeError: cannot load the model on purpose" in str(err)

@@ -127,7 +127,7 @@ def test_trainable_count_is_the_analytic_count_and_the_optimizer_holds_only_adap
     modules = dict(base.named_modules())
     expected = sum(DIM * (modules[t].in_features + modules[t].out_features) for t in _targets())
     total = sum(p.numel() for p in base.parameters())
-    assert runs["w1"]["counts"] == {"trainable": expected, "total": total + expected}
+    assert runs["w1"]["counts"] == {"trainable": expected, "total": total + expected, "lora_modules": len(_targets())}
     assert runs["w1"]["optimizer_numel"] == runs["w2"]["optimizer_numel"] == expected
 
 

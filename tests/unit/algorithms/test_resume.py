@@ -1,0 +1,177 @@
+"""Which checkpoint a run starts from (checkpointing.resume) and the data-order check."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nemo_rl.algorithms.resume import (
+    ResumeError,
+    check_same_data_order,
+    data_fingerprint,
+    driver_rng_state,
+    last_checkpoint,
+    resume_hint,
+    seed_driver_rngs,
+    select_checkpoint,
+    set_driver_rng_state,
+)
+from nemo_rl.config import load_config
+from nemo_rl.config.schema import CheckpointingConfig
+from nemo_rl.utils.checkpoint import CheckpointManager
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def manager_with(tmp_path, steps: list[int], *, name: str = "ckpt") -> CheckpointManager:
+    manager = CheckpointManager(CheckpointingConfig(checkpoint_dir=str(tmp_path / name)))
+    for step in steps:
+        tmp = manager.init_tmp_checkpoint(step, {"step": step, "epoch": 0, "consumed_samples": step, "metrics": {}})
+        manager.finalize_checkpoint(tmp)
+    return manager
+
+
+ROWS = [{"id": str(i), "question": f"q{i}", "answer": f"a{i}"} for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(str(REPO / "configs" / "sft_tiny.yaml"))
+
+
+# ---------------------------------------------------------------- select_checkpoint
+
+
+def test_auto_takes_the_latest_and_cleans_interrupted_saves(tmp_path):
+    manager = manager_with(tmp_path, [2, 10, 4])
+    (manager.checkpoint_dir / "tmp_step_12").mkdir()
+    assert select_checkpoint(manager, "auto") == manager.checkpoint_dir / "step_10"
+    assert not (manager.checkpoint_dir / "tmp_step_12").exists()
+
+
+def test_auto_on_an_empty_or_missing_dir_starts_fresh(tmp_path):
+    assert select_checkpoint(manager_with(tmp_path, []), "auto") is None
+    missing = CheckpointManager(CheckpointingConfig(checkpoint_dir=str(tmp_path / "nowhere")))
+    assert select_checkpoint(missing, "auto") is None
+
+
+def test_never_refuses_existing_checkpoints_and_names_them(tmp_path):
+    manager = manager_with(tmp_path, [3, 6])
+    with pytest.raises(ResumeError, match=r"resume=never.*step_3, step_6.*resume=auto to continue from step_6"):
+        select_checkpoint(manager, "never")
+    assert select_checkpoint(manager_with(tmp_path, [], name="fresh"), "never") is None
+
+
+def test_never_ignores_only_incomplete_leftovers(tmp_path):
+    manager = manager_with(tmp_path, [])
+    (manager.checkpoint_dir / "tmp_step_1").mkdir(parents=True)
+    assert select_checkpoint(manager, "never") is None
+    assert not (manager.checkpoint_dir / "tmp_step_1").exists()
+
+
+def test_a_path_is_taken_from_another_dir(tmp_path):
+    source = manager_with(tmp_path, [2, 4], name="old")
+    target = manager_with(tmp_path, [], name="new")
+    chosen = select_checkpoint(target, str(source.checkpoint_dir / "step_2"))
+    assert chosen == source.checkpoint_dir / "step_2"
+
+
+def test_a_path_older_than_checkpoints_in_the_dir_is_refused(tmp_path):
+    manager = manager_with(tmp_path, [2, 4])
+    with pytest.raises(ResumeError, match=r"is step 2, but .* holds later checkpoints \(step_4\)"):
+        select_checkpoint(manager, str(manager.checkpoint_dir / "step_2"))
+    assert select_checkpoint(manager, str(manager.checkpoint_dir / "step_4")) == manager.checkpoint_dir / "step_4"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", "no such directory"),
+        (lambda root: root / "ckpt", r"not a checkpoint \(no training_info.json\); it looks like a checkpoint_dir.*step_4"),
+        (lambda root: root / "ckpt" / "tmp_step_9", "interrupted, incomplete save"),
+    ],
+    ids=["missing", "a-checkpoint-dir", "a-tmp-dir"],
+)
+def test_a_bad_path_is_refused_with_what_to_give(tmp_path, make, message):
+    manager = manager_with(tmp_path, [4])
+    target = manager_with(tmp_path, [], name="target")
+    (manager.checkpoint_dir / "tmp_step_9").mkdir()
+    with pytest.raises(ResumeError, match=message):
+        select_checkpoint(target, str(make(tmp_path)))
+
+
+def test_disabled_checkpointing_starts_fresh_without_touching_the_dir(tmp_path):
+    manager = manager_with(tmp_path, [1])
+    (manager.checkpoint_dir / "tmp_step_2").mkdir()
+    assert select_checkpoint(manager, "auto", enabled=False) is None
+    assert select_checkpoint(manager, "never", enabled=False) is None
+    assert (manager.checkpoint_dir / "tmp_step_2").exists()
+
+
+def test_last_checkpoint_and_the_hint_prefer_the_newest_of_dir_and_start(tmp_path):
+    source = manager_with(tmp_path, [5], name="old")
+    target = manager_with(tmp_path, [], name="new")
+    start = source.checkpoint_dir / "step_5"
+    assert last_checkpoint(target, start) == start
+    assert f"checkpointing.resume={start}" in resume_hint(target, start)
+    target = manager_with(tmp_path, [7], name="new")
+    assert last_checkpoint(target, start) == target.checkpoint_dir / "step_7"
+    assert "resume=auto (the default)" in resume_hint(target, start)
+    assert "starts from step 0" in resume_hint(manager_with(tmp_path, [], name="empty"), None)
+
+
+# ---------------------------------------------------------------- the data order
+
+
+def test_same_config_and_rows_pass(cfg):
+    saved = data_fingerprint(cfg, ROWS, 10)
+    check_same_data_order(json.loads(json.dumps(saved)), data_fingerprint(cfg, ROWS, 10), checkpoint=Path("step_1"))
+
+
+def test_changed_order_keys_and_rows_are_all_named(cfg):
+    saved = data_fingerprint(cfg, ROWS, 10)
+    changed_cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"seed": 7})})
+    rows = [dict(r) for r in ROWS]
+    rows[3]["answer"] = "changed"
+    with pytest.raises(ResumeError) as error:
+        check_same_data_order(saved, data_fingerprint(changed_cfg, rows, 10), checkpoint=Path("ckpt/step_3"))
+    text = str(error.value)
+    assert "ckpt/step_3" in text and "data order would differ" in text
+    assert f"sft.seed: {cfg.sft.seed} -> 7" in text
+    assert "the training rows' contents: 10 rows" in text
+
+
+def test_unrelated_config_changes_pass(cfg):
+    saved = data_fingerprint(cfg, ROWS, 10)
+    other = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"val_period": 3, "max_num_steps": 999})})
+    check_same_data_order(saved, data_fingerprint(other, ROWS, 10), checkpoint=Path("step_1"))
+
+
+def test_moved_copy_of_the_same_rows_passes_but_a_different_sample_count_does_not(cfg):
+    saved = data_fingerprint(cfg, ROWS, 10)
+    moved_train = cfg.data.train.model_copy(update={"data_path": "/elsewhere/squad"})
+    moved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": moved_train})})
+    check_same_data_order(saved, data_fingerprint(moved, ROWS, 10), checkpoint=Path("step_1"))
+    with pytest.raises(ResumeError, match="training samples left after length handling: 10 -> 9"):
+        check_same_data_order(saved, data_fingerprint(cfg, ROWS, 9), checkpoint=Path("step_1"))
+
+
+def test_a_checkpoint_without_fingerprint_is_accepted(cfg):
+    check_same_data_order(None, data_fingerprint(cfg, ROWS, 10), checkpoint=Path("step_1"))
+
+
+# ---------------------------------------------------------------- driver generators
+
+
+def test_driver_rng_state_round_trips():
+    seed_driver_rngs(3)
+    state = driver_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_driver_rngs(99)
+    set_driver_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

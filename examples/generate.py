@@ -87,6 +87,12 @@ def read_conversations(prompts: list[str], prompts_file: str | None, system: str
                 if not isinstance(row, dict) or not ({"messages", "prompt"} & set(row)):
                     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                     raise ValueError(f"{prompts_file} line {line_no}: expected a 'messages' or 'prompt' key; got {keys}")
+                if "messages" in row:
+                    messages = row["messages"]
+                    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                        raise ValueError(f"{prompts_file} line {line_no}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
+                    if all(m["role"] == "assistant" for m in messages):
+                        raise ValueError(f"{prompts_file} line {line_no}: 'messages' has no turn before the assistant's to answer")
                 rows.append(row)
     conversations = []
     for row in rows:
@@ -160,15 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="also write {\"messages\", \"output\"} rows to this JSONL file")
     args = parser.parse_args(argv)
 
-    conversations = read_conversations(args.prompt, args.prompts_file, args.system)
-    if not conversations:
-        parser.error("give at least one --prompt or a --prompts-file")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    model, tokenizer, description = load_model(
-        args.checkpoint, base_model=args.base_model, tokenizer_path=args.tokenizer,
-        device=device, dtype=getattr(torch, args.dtype),
-    )
+    try:  # what the user fixes (a path, a prompts file) is one line, not a traceback
+        conversations = read_conversations(args.prompt, args.prompts_file, args.system)
+        if not conversations:
+            parser.error("give at least one --prompt or a --prompts-file")
+        model, tokenizer, description = load_model(
+            args.checkpoint, base_model=args.base_model, tokenizer_path=args.tokenizer,
+            device=device, dtype=getattr(torch, args.dtype),
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"# {description} on {device}", flush=True)
     outputs = generate(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, add_bos=not args.no_bos)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -326,10 +327,46 @@ def test_sft_yaml_with_overrides_recomputes_interpolations():
     assert cfg.data.max_input_seq_length == 512
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_every_top_level_recipe_loads_and_round_trips(tmp_path, name):
+SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
+RECIPES = [name for name in SHIPPED_CONFIGS if name.startswith("recipes/")]
+
+
+def test_the_shipped_configs_include_the_recipes():
+    assert {"sft.yaml", "sft_tiny.yaml", "sft_tiny_lora.yaml"} <= set(SHIPPED_CONFIGS)
+    assert "recipes/llm/sft-llama3.2-1b-1n1g-fsdp2-lora.yaml" in RECIPES
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_every_shipped_config_loads_and_round_trips(tmp_path, name):
+    assert isinstance(load_config(REPO / "configs" / name), MasterConfig)  # as shipped, no overrides
     cfg = load_config(REPO / "configs" / name, ["cluster.device=cpu"])
     assert load_config(write(tmp_path, "saved.yaml", config_to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_name_matches_its_cluster_and_output_dirs(name):
+    """`<algo>-<model>-<N>n<G>g-<parallelism>.yaml`: N nodes of G GPUs, dirs named after it."""
+    stem = Path(name).stem
+    match = re.fullmatch(r"(?P<algo>[a-z]+)-(?P<model>.+)-(?P<nodes>\d+)n(?P<gpus>\d+)g-(?P<par>[a-z0-9-]+)", stem)
+    assert match, f"{name}: not named <algo>-<model>-<N>n<G>g-<parallelism>.yaml"
+    cfg = load_config(REPO / "configs" / name)
+    assert (cfg.cluster.num_nodes, cfg.cluster.gpus_per_node) == (int(match["nodes"]), int(match["gpus"]))
+    assert cfg.cluster.device == "cuda"
+    assert Path(cfg.checkpointing.checkpoint_dir).name == stem
+    assert Path(cfg.logger.log_dir).name == stem
+    assert cfg.policy.dtensor_cfg.lora_cfg.enabled == ("lora" in match["par"].split("-"))
+
+
+def test_llama_lora_recipe_is_the_documented_one():
+    cfg = load_config(REPO / "configs" / "recipes" / "llm" / "sft-llama3.2-1b-1n1g-fsdp2-lora.yaml")
+    assert cfg.policy.model_name == cfg.policy.tokenizer.name == "meta-llama/Llama-3.2-1B"
+    assert cfg.policy.precision == "bfloat16" and cfg.policy.dtensor_cfg.enabled
+    assert not cfg.policy.megatron_cfg.enabled
+    lora = cfg.policy.dtensor_cfg.lora_cfg
+    assert (lora.target_modules, lora.exclude_modules, lora.match_all_linear) == ([], [], True)
+    assert (lora.dim, lora.alpha, lora.dropout, lora.dropout_position, lora.lora_A_init) == (8, 32, 0.0, "post", "xavier")
+    assert cfg.policy.optimizer.kwargs["lr"] == 1.0e-4
+    assert cfg.data.train.dataset_name == "squad"  # inherited from sft.yaml
 
 
 def test_config_to_yaml_round_trips_sft_yaml(tmp_path):

@@ -19,7 +19,8 @@ Which modules are targeted (`select_lora_targets`; docs/lora.md has the user's v
      (`match_all_linear` is then ignored); each pattern must match at least one candidate;
      `target_modules` empty and `match_all_linear`: every candidate except the output head
      (`model.get_output_embeddings()`, e.g. lm_head);
-  3. minus those matching any `exclude_modules` pattern (each must match some module);
+  3. minus those matching, or inside a module matching, any `exclude_modules` pattern
+     (`mlp` excludes every linear of every MLP; each pattern must match some module);
   4. an empty result, or a target whose weight is shared with another module (a tied
      lm_head), is an error.
 A pattern matches a module when it equals, or (with `*`, `?`, `[...]`) fnmatch-matches,
@@ -134,6 +135,13 @@ def pattern_matches(pattern: str, module_name: str) -> bool:
     return any(s == pattern for s in suffixes)
 
 
+def _within(pattern: str, module_name: str) -> bool:
+    """`pattern` matches `module_name` or a module that contains it: excluding `mlp` or
+    `layers.0` leaves out every linear layer inside them."""
+    parts = module_name.split(".")
+    return any(pattern_matches(pattern, ".".join(parts[:i])) for i in range(len(parts), 0, -1))
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Names of the model's linear layers (a LoRALinear counts as the linear it wraps)."""
     return [
@@ -172,7 +180,7 @@ def select_lora_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
                 f"{CONFIG_KEY}.exclude_modules: {pattern!r} matches no module of "
                 f"{type(model).__name__}. {_linear_names_hint(linear)}"
             )
-    selected = [n for n in selected if not any(pattern_matches(p, n) for p in cfg.exclude_modules)]
+    selected = [n for n in selected if not any(_within(p, n) for p in cfg.exclude_modules)]
     if not selected:
         raise ValueError(
             f"{CONFIG_KEY}: {how} minus exclude_modules={cfg.exclude_modules} leaves no module "

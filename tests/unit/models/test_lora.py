@@ -76,6 +76,9 @@ def _input_ids(seed: int = 0) -> torch.Tensor:
         ({"target_modules": ["layers.1.mlp.down_proj"]}, _names(layers=(1,), attn=(), mlp=("down_proj",))),
         ({"exclude_modules": ["*.layers.1.*", "down_proj"]}, _names(layers=(0,), mlp=("gate_proj", "up_proj"))),
         ({"target_modules": ["mlp.*"], "exclude_modules": ["up_proj"]}, _names(attn=(), mlp=("gate_proj", "down_proj"))),
+        # a parent module excludes every linear layer inside it
+        ({"exclude_modules": ["layers.1"]}, _names(layers=(0,))),
+        ({"exclude_modules": ["mlp"]}, _names(mlp=())),
     ],
 )
 def test_patterns_select_exactly_the_expected_modules(model_dirs, lora, expected):

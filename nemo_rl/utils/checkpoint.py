@@ -7,8 +7,8 @@ behind, which is never listed as a checkpoint and is deleted by `remove_incomple
 
 training_info.json, the one layout (see docs/checkpointing.md):
 
-    {"step": 120, "epoch": 1, "consumed_samples": 3840, "total_steps": 150,
-     "metrics": {"val:val_loss": 1.93, "train:loss": 2.01, ...}}
+    {"step": 120, "epoch": 1, "consumed_samples": 3840, "skipped_updates": 0,
+     "metrics": {"val:val_loss": 1.93, "train:loss": 2.01, ...}, "data_fingerprint": {...}}
 
 `metrics` keys are `checkpointing.metric_name` strings: `val:<name>` for a validation
 metric, `train:<name>` for a training metric; build them with `checkpoint_metrics()`.

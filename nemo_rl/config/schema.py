@@ -116,6 +116,10 @@ class DTensorConfig(Section):
     # The loss from hidden states in chunks, without full-vocabulary logits for the
     # micro-batch; used only where the worker verifies it equals the plain loss.
     chunked_loss: bool = True
+    # Hugging Face's attn_implementation ("sdpa", "eager", "flash_attention_2", ...); null:
+    # the model's default (sdpa). flash_attention_2 (GPU, flash-attn installed) gives packed
+    # samples flash-attention's variable-length path instead of a block-diagonal mask.
+    attn_implementation: str | None = None
 
 
 class DynamicBatchingConfig(Section):

@@ -82,6 +82,7 @@ class DTensorPolicyWorker:
             policy_cfg.model_name,
             trust_remote_code=policy_cfg.trust_remote_code,
             dtype=torch.float32,
+            **_attention_kwargs(policy_cfg.dtensor_cfg.attn_implementation),
         )
         lora_cfg = policy_cfg.dtensor_cfg.lora_cfg
         self.lora_targets = apply_lora(model, lora_cfg) if lora_cfg.enabled else []
@@ -327,6 +328,10 @@ class DTensorPolicyWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _attention_kwargs(attn_implementation: str | None) -> dict[str, str]:
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 
 def _full_tensor(value: Any) -> Any:

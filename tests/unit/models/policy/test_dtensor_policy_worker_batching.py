@@ -5,7 +5,8 @@ gloo processes, against the plain single-process PyTorch reference.
            B. compiled decoder layers (dynamo with the `aot_eager` backend, so the test needs
               no C++ toolchain and stays fast; the benchmark runs inductor), packing, 1 step.
   world 2: C. dynamic batching, 3 steps;
-           D. packing (first-fit decreasing), 3 steps.
+           D. packing (first-fit decreasing) under eager attention
+              (dtensor_cfg.attn_implementation), 3 steps.
 
 Step 2 is skewed: rank 0 holds four long samples, rank 1 one short one and three with no
 loss, so the ranks' micro-batch counts differ and rank 1 must add filler micro-batches
@@ -80,8 +81,10 @@ def _world2(rank, model_dir, out_dir):
     results["w2_dynamic"] = _run(worker, _batches(), rank, 2)
     del worker
     ffd = {**PACKING, "algorithm": "first_fit_decreasing"}
-    worker = DTensorPolicyWorker(policy_config(model_dir, sequence_packing=ffd), seed=1, device="cpu")
+    cfg = policy_config(model_dir, sequence_packing=ffd, dtensor_cfg={"attn_implementation": "eager"})
+    worker = DTensorPolicyWorker(cfg, seed=1, device="cpu")
     results["w2_packing_ffd"] = _run(worker, _batches(), rank, 2)
+    results["w2_packing_ffd"]["attn_implementation"] = worker.model.config._attn_implementation
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "w2.pt"))
     worker.shutdown()
@@ -113,6 +116,11 @@ def test_losses_and_updates_match_plain_batching(runs, name):
         assert g["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), f"step {step + 1} grad_norm"
     if len(got) == len(runs["reference"]):  # the trained weights, seen through their logits
         torch.testing.assert_close(runs[name]["logits"], runs["reference_logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_attn_implementation_reaches_the_model(runs):
+    assert runs["w2_packing_ffd"]["attn_implementation"] == "eager"
+    assert AutoModelForCausalLM.from_pretrained(runs["model_dir"]).config._attn_implementation == "sdpa"
 
 
 def test_metrics_count_tokens_and_model_flops(runs):

@@ -88,46 +88,7 @@ def setup(cfg: MasterConfig) -> SFTRun:
     started_at = time.time()
     tokenizer = get_tokenizer(cfg.policy.tokenizer, trust_remote_code=cfg.policy.trust_remote_code)
     datasets = load_datasets(cfg.data)
-    make_dataset = partial(
-        SFTDataset,
-        tokenizer=tokenizer,
-        task_spec=datasets.task_spec,
-        max_seq_length=cfg.data.max_input_seq_length,
-        add_bos=cfg.data.add_bos,
-        add_eos=cfg.data.add_eos,
-        add_generation_prompt=cfg.data.add_generation_prompt,
-        only_unmask_final=cfg.sft.only_unmask_final,
-        overlength=cfg.data.overlength,
-        chat_template_kwargs=cfg.policy.tokenizer.chat_template_kwargs,
-    )
-    train_dataset = make_dataset(datasets.train, source="train")
-    val_dataset = None
-    if datasets.validation is not None:
-        val_task_spec = datasets.validation_task_spec or datasets.task_spec
-        val_dataset = make_dataset(datasets.validation, source="validation", task_spec=val_task_spec)
-    overlength_counts = {"train": train_dataset.overlength_counts}
-    if val_dataset is not None:
-        overlength_counts["validation"] = val_dataset.overlength_counts
-
-    collate = partial(
-        sft_collate,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        make_sequence_length_divisible_by=cfg.policy.make_sequence_length_divisible_by,
-    )
-    train_dataloader = _train_dataloader(train_dataset, collate, cfg)
-    val_dataloader = None
-    if val_dataset is not None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            val_dataloader = StatefulDataLoader(
-                val_dataset, batch_size=cfg.sft.val_global_batch_size, shuffle=False, collate_fn=collate
-            )
-    if len(train_dataloader) == 0:
-        raise ValueError(
-            f"the training set has {len(train_dataset)} samples, fewer than one global batch "
-            f"(policy.train_global_batch_size={cfg.policy.train_global_batch_size})"
-        )
-
+    train_dataset, train_dataloader, val_dataloader, overlength_counts = _dataloaders(cfg, tokenizer, datasets)
     preflight(cfg)
     checkpointer = CheckpointManager(cfg.checkpointing)
     fingerprint = data_fingerprint(cfg, datasets.train, len(train_dataset))
@@ -286,6 +247,52 @@ def _summarize(run: SFTRun, total_steps: int, wall_time_s: float, stop_reason: s
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _dataloaders(
+    cfg: MasterConfig, tokenizer, datasets
+) -> tuple[SFTDataset, StatefulDataLoader, StatefulDataLoader | None, dict[str, dict[str, int]]]:
+    """Tokenized train (and validation) sets, their loaders, and what over-length handling did."""
+    make_dataset = partial(
+        SFTDataset,
+        tokenizer=tokenizer,
+        task_spec=datasets.task_spec,
+        max_seq_length=cfg.data.max_input_seq_length,
+        add_bos=cfg.data.add_bos,
+        add_eos=cfg.data.add_eos,
+        add_generation_prompt=cfg.data.add_generation_prompt,
+        only_unmask_final=cfg.sft.only_unmask_final,
+        overlength=cfg.data.overlength,
+        chat_template_kwargs=cfg.policy.tokenizer.chat_template_kwargs,
+    )
+    train_dataset = make_dataset(datasets.train, source="train")
+    val_dataset = None
+    if datasets.validation is not None:
+        val_task_spec = datasets.validation_task_spec or datasets.task_spec
+        val_dataset = make_dataset(datasets.validation, source="validation", task_spec=val_task_spec)
+    overlength_counts = {"train": train_dataset.overlength_counts}
+    if val_dataset is not None:
+        overlength_counts["validation"] = val_dataset.overlength_counts
+
+    collate = partial(
+        sft_collate,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        make_sequence_length_divisible_by=cfg.policy.make_sequence_length_divisible_by,
+    )
+    train_dataloader = _train_dataloader(train_dataset, collate, cfg)
+    val_dataloader = None
+    if val_dataset is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            val_dataloader = StatefulDataLoader(
+                val_dataset, batch_size=cfg.sft.val_global_batch_size, shuffle=False, collate_fn=collate
+            )
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"the training set has {len(train_dataset)} samples, fewer than one global batch "
+            f"(policy.train_global_batch_size={cfg.policy.train_global_batch_size})"
+        )
+    return train_dataset, train_dataloader, val_dataloader, overlength_counts
 
 
 def _train_dataloader(dataset: SFTDataset, collate, cfg: MasterConfig) -> StatefulDataLoader:

@@ -66,10 +66,11 @@ def run_args(root: Path, data_dir: Path, *extra: str) -> list[str]:
 class SFTProcess:
     """One `examples/run_sft.py` process; its output goes to `log_file`."""
 
-    def __init__(self, overrides: list[str], log_file: Path):
+    def __init__(self, overrides: list[str], log_file: Path, *, python: tuple[str, ...] = (sys.executable,)):
+        """`python`: how the script is started, e.g. ("uv", "run") as the README does."""
         self.log_file = log_file
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, str(REPO / "examples" / "run_sft.py"), "--config", str(REPO / "configs" / "sft_tiny.yaml"), *overrides]
+        cmd = [*python, str(REPO / "examples" / "run_sft.py"), "--config", str(REPO / "configs" / "sft_tiny.yaml"), *overrides]
         with open(log_file, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
@@ -111,8 +112,8 @@ class SFTProcess:
 
 
 @contextlib.contextmanager
-def started(overrides: list[str], log_file: Path) -> Iterator[SFTProcess]:
-    run = SFTProcess(overrides, log_file)
+def started(overrides: list[str], log_file: Path, **kwargs) -> Iterator[SFTProcess]:
+    run = SFTProcess(overrides, log_file, **kwargs)
     try:
         yield run
     finally:

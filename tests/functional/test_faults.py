@@ -6,6 +6,7 @@ deadline, and a resume on fewer workers. Each continued run is compared with the
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -118,6 +119,22 @@ def test_sigterm_saves_after_the_current_step_and_a_resume_finishes_the_run(tmp_
     rc, output = run_to_end(overrides, tmp_path / "resumed.txt")
     assert rc == 0, output[-4000:]
     assert_continues_the_reference(tmp_path, reference_run)
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv, as the README's commands do")
+def test_ctrl_c_under_uv_run_saves_and_exits_cleanly(tmp_path, reference_run):
+    # A terminal's Ctrl-C signals the whole foreground process group, and `uv run` forwards it
+    # to the driver as well: one keypress, delivered twice, must not abort the save.
+    overrides = run_args(tmp_path, reference_run.data_dir, "checkpointing.save_period=100")
+    with started(overrides, tmp_path / "output.txt", python=("uv", "run", "--no-sync")) as run:
+        wait_for_logged_step(tmp_path / "logs", 2, run)
+        os.killpg(run.pid, signal.SIGINT)
+        rc = run.finish(timeout=120)
+    assert rc == 0, run.output[-4000:]
+    assert "SIGINT received" in run.output and "interrupted" not in run.output
+    steps = checkpoint_steps(tmp_path / "ckpt")
+    assert len(steps) == 1 and is_complete(tmp_path / "ckpt" / f"step_{steps[0]}")
+    assert not list((tmp_path / "ckpt").glob("tmp_*"))
 
 
 def test_checkpoint_must_save_by_saves_and_stops(tmp_path, reference_run):

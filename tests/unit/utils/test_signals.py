@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -22,11 +23,22 @@ def test_the_first_signal_is_recorded_and_announced(sig, capfd):
 
 
 def test_a_second_sigint_aborts_and_further_sigterms_are_ignored():
-    with StopRequests() as stop:
+    with StopRequests(same_keypress_s=0.0) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # ignored: the save goes on
         assert stop.reason == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_one_ctrl_c_delivered_twice_does_not_abort():
+    # The terminal signals the process group and `uv run` forwards the same SIGINT.
+    with StopRequests(same_keypress_s=0.5) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.reason == "SIGINT"
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt):  # a real second Ctrl-C, later
             os.kill(os.getpid(), signal.SIGINT)
 
 

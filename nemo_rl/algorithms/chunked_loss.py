@@ -49,8 +49,10 @@ def chunked_nll_sum(
     weights_N = mask_BT1[keep_BT1].to(torch.float32)
     if hidden_NH.shape[0] == 0:
         # No target here (an all-masked or filler micro-batch): a zero that still reaches
-        # every layer, so backward (and FSDP's gradient reduction) runs as on other ranks.
-        return hidden_BTH.sum().to(torch.float32) * 0.0
+        # every layer, the output layer included, so every parameter gets a gradient and
+        # FSDP's gradient reduction matches the other ranks' (an untied head left without
+        # one would make this rank reduce-scatter less and hang or corrupt the step).
+        return (hidden_BTH.sum() + output_layer(hidden_BTH[:, :1]).sum()).to(torch.float32) * 0.0
     if chunk_tokens is None:
         vocab = getattr(output_layer, "out_features", None) or output_layer.weight.shape[0]
         chunk_tokens = max(1, CHUNK_LOGIT_ELEMENTS // vocab)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from nemo_rl.config.schema import MasterConfig
+from nemo_rl.models.lora import read_adapter_config
 from nemo_rl.utils.checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,12 @@ DATA_ORDER_KEYS = (
     "data.max_input_seq_length",
     "data.overlength",
     "data.train",
+    # How rows become tokens: with data.overlength=drop they decide which samples remain.
+    "policy.tokenizer",
+    "data.add_bos",
+    "data.add_eos",
+    "data.add_generation_prompt",
+    "sft.only_unmask_final",
 )
 
 
@@ -116,8 +123,9 @@ def _checked_resume_path(path: Path, checkpointer: CheckpointManager, existing: 
 
 def last_checkpoint(checkpointer: CheckpointManager, resumed_from: Path | None) -> Path | None:
     """The newest complete checkpoint of this run: the latest in `checkpoint_dir` or the one it
-    started from, whichever has the larger step."""
-    candidates = checkpointer.list_checkpoints()
+    started from, whichever has the larger step. With checkpointing disabled this run wrote
+    nothing, and what `checkpoint_dir` holds is another run's: only the start counts."""
+    candidates = checkpointer.list_checkpoints() if checkpointer.cfg.enabled else []
     if resumed_from is not None and (resumed_from / "training_info.json").is_file():
         candidates.append((checkpoint_step(resumed_from), resumed_from))
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
@@ -197,9 +205,21 @@ def check_same_data_order(saved: Mapping[str, Any] | None, current: Mapping[str,
             f"cannot resume from {checkpoint}: the data order would differ from the run that wrote it, "
             "so the resumed run would skip or repeat samples. Changed:\n  - "
             + "\n  - ".join(changes)
-            + "\nUndo the change, or start a new run in a new checkpointing.checkpoint_dir "
-            f"(to start from these weights: policy.model_name={checkpoint / 'hf'})."
+            + "\nUndo the change, or start a new run in a new checkpointing.checkpoint_dir"
+            + _start_from_these_weights(checkpoint)
         )
+
+
+def _start_from_these_weights(checkpoint: Path) -> str:
+    """How a new run starts from a checkpoint's weights: its hf/, or a LoRA run's merged copy."""
+    if read_adapter_config(checkpoint / "hf") is None:
+        return f" (to start from these weights: policy.model_name={checkpoint / 'hf'})."
+    if (checkpoint / "hf_merged").is_dir():
+        return f" (to start from these weights: policy.model_name={checkpoint / 'hf_merged'})."
+    return (
+        f"; {checkpoint / 'hf'} is a LoRA adapter, which a new run cannot start from "
+        "(checkpointing.save_merged=true also writes the merged model)."
+    )
 
 
 # ---------------------------------------------------------------- the driver's state

@@ -145,6 +145,8 @@ def sft_train(run: SFTRun) -> dict[str, Any]:
             try:
                 stop_reason = _train_epoch(run, reporter, stop, total_steps)
             except WorkerDiedError as failure:
+                if stop.reason:  # the signal that stops the run ended the workers too (Slurm)
+                    raise
                 _restart_workers(run, failure)
 
         summary = _summarize(run, total_steps, time.monotonic() - started, stop_reason)
@@ -203,7 +205,8 @@ def _restart_workers(run: SFTRun, failure: WorkerDiedError) -> None:
     run.restarts += 1
     run.policy.shutdown()
     run.cluster.shutdown()
-    run.checkpointer.remove_incomplete()
+    if run.cfg.checkpointing.enabled:
+        run.checkpointer.remove_incomplete()
     checkpoint = last_checkpoint(run.checkpointer, run.resumed_from)
     print(
         f"\n{failure.summary()} on node {failure.node_ip} ({failure.hostname}) died during step "

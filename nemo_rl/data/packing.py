@@ -72,7 +72,7 @@ def modified_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> Bins
       3. backward over the bins without a medium item: if the two smallest small items fit,
          add the smallest and then the largest small item that still fits;
       4. forward over all bins: add the largest remaining item that fits, while any fits;
-      5. first-fit decreasing for what is left, into new bins.
+      5. worst-fit decreasing for what is left, into new bins.
     """
     _check(lengths, capacity)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -115,8 +115,8 @@ def modified_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> Bins
             loads[b] += lengths[rest[k]]
             bins[b].append(rest.pop(k))
 
-    # 5. FFD on the leftovers; their bins' loads kept sorted ascending, so the emptiest bin
-    # is the only one worth trying for the next (not larger) item.
+    # 5. The leftovers, largest first, each into the emptiest new bin (worst-fit decreasing:
+    # loads kept sorted ascending, so if the emptiest cannot take the item, none can).
     new_bins: Bins = []
     new_loads: list[int] = []
     for i in rest:

@@ -69,20 +69,29 @@ def matmul_weights_per_token(config: Any, *, output_layer: bool = True) -> int:
     return c.num_hidden_layers * (attention + mlp) + (hidden * c.vocab_size if output_layer else 0)
 
 
-def training_flops(config: Any, lengths: Iterable[int], *, num_targets: int | None = None) -> float:
+def training_flops(
+    config: Any, lengths: Iterable[int], *, num_targets: int | None = None, lora_params: int | None = None
+) -> float:
     """Model FLOPs of one forward and backward over samples of these token counts, each
     attending only to itself (padded, packed or not: the same number), with the output layer
-    at `num_targets` positions (None: at every token)."""
+    at `num_targets` positions (None: at every token).
+
+    `lora_params`: the adapters' parameter count when the base is frozen (LoRA). The base's
+    matrices then cost 2x their forward (the backward computes input gradients only, no
+    weight gradients), and the adapters 6 FLOPs per parameter per token like trained weights.
+    """
     c = _text_config(config)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     lengths = [int(n) for n in lengths]
     tokens = sum(lengths)
     output_positions = tokens if num_targets is None else int(num_targets)
     attention_pairs = sum(n * (n + 1) for n in lengths)  # 2 x the causal (query, key) pairs
-    forward = 2 * matmul_weights_per_token(c, output_layer=False) * tokens
-    forward += 2 * c.hidden_size * c.vocab_size * output_positions
-    forward += c.num_hidden_layers * 2 * c.num_attention_heads * head_dim * attention_pairs
-    return 3.0 * forward
+    weights_forward = 2 * matmul_weights_per_token(c, output_layer=False) * tokens
+    weights_forward += 2 * c.hidden_size * c.vocab_size * output_positions
+    attention_forward = c.num_hidden_layers * 2 * c.num_attention_heads * head_dim * attention_pairs
+    if lora_params is None:
+        return 3.0 * (weights_forward + attention_forward)
+    return 2.0 * weights_forward + 3.0 * attention_forward + 6.0 * lora_params * tokens
 
 
 def mfu(model_flops: float, seconds: float, peak_flops: float | None) -> float | None:

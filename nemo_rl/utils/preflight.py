@@ -76,7 +76,7 @@ def preflight(cfg: MasterConfig, *, num_params: int | None = None) -> None:
         save_optimizer=ckpt.save_optimizer,
         optimizer_name=cfg.policy.optimizer.name,
         lora=cfg.policy.dtensor_cfg.lora_cfg.enabled,
-        save_merged=bool(getattr(ckpt, "save_merged", False)),
+        save_merged=ckpt.save_merged,
     )
     check_free_space(Path(ckpt.checkpoint_dir), estimate, "checkpointing.checkpoint_dir")
 

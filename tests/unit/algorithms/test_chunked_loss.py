@@ -72,7 +72,7 @@ def test_nll_loss_from_hidden_states_equals_the_loss_on_logits():
     assert got_metrics["num_valid_tokens"] == want_metrics["num_valid_tokens"]
 
 
-def test_no_target_gives_a_zero_that_still_reaches_the_hidden_states():
+def test_no_target_gives_a_zero_that_still_reaches_the_hidden_states_and_the_head():
     batch, hidden, head = _case()
     batch["sample_mask"] = torch.zeros(B)
     hidden.requires_grad_()
@@ -80,6 +80,8 @@ def test_no_target_gives_a_zero_that_still_reaches_the_hidden_states():
     assert nll_sum.item() == 0.0
     nll_sum.backward()  # would raise if the zero were cut off from the graph
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    # Every parameter gets a gradient, as on ranks with targets: FSDP reduces them all.
+    assert head.weight.grad is not None and torch.equal(head.weight.grad, torch.zeros_like(head.weight))
 
 
 def test_default_chunks_bound_the_logits_held_at_once(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,15 @@ def test_last_checkpoint_and_the_hint_prefer_the_newest_of_dir_and_start(tmp_pat
     assert "starts from step 0" in resume_hint(manager_with(tmp_path, [], name="empty"), None)
 
 
+def test_with_checkpointing_disabled_another_runs_checkpoints_are_never_offered(tmp_path):
+    manager_with(tmp_path, [3])  # an earlier run's
+    disabled = CheckpointManager(CheckpointingConfig(checkpoint_dir=str(tmp_path / "ckpt"), enabled=False))
+    assert last_checkpoint(disabled, None) is None
+    assert "starts from step 0" in resume_hint(disabled, None)
+    start = manager_with(tmp_path, [5], name="old").checkpoint_dir / "step_5"
+    assert last_checkpoint(disabled, start) == start
+
+
 # ---------------------------------------------------------------- the data order
 
 
@@ -159,6 +169,33 @@ def test_moved_copy_of_the_same_rows_passes_but_a_different_sample_count_does_no
     check_same_data_order(saved, data_fingerprint(moved, ROWS, 10), checkpoint=Path("step_1"))
     with pytest.raises(ResumeError, match="training samples left after length handling: 10 -> 9"):
         check_same_data_order(saved, data_fingerprint(cfg, ROWS, 9), checkpoint=Path("step_1"))
+
+
+def test_a_changed_chat_template_is_named(cfg):
+    saved = data_fingerprint(cfg, ROWS, 10)
+    tokenizer = cfg.policy.tokenizer.model_copy(update={"chat_template": None})
+    changed = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"tokenizer": tokenizer})})
+    with pytest.raises(ResumeError, match=r"policy.tokenizer.chat_template: 'default' -> None"):
+        check_same_data_order(saved, data_fingerprint(changed, ROWS, 10), checkpoint=Path("step_1"))
+
+
+@pytest.mark.parametrize(
+    ("files", "hint"),
+    [
+        ([], "policy.model_name={ckpt}/hf)"),
+        (["hf/adapter_config.json"], "is a LoRA adapter, which a new run cannot start from"),
+        (["hf/adapter_config.json", "hf_merged/config.json"], "policy.model_name={ckpt}/hf_merged)"),
+    ],
+    ids=["full", "lora", "lora-merged"],
+)
+def test_the_refusal_says_how_to_start_from_the_weights(cfg, tmp_path, files, hint):
+    ckpt = tmp_path / "step_3"
+    for name in files:
+        (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
+        (ckpt / name).write_text("{}")
+    saved = data_fingerprint(cfg, ROWS, 10)
+    with pytest.raises(ResumeError, match=re.escape(hint.format(ckpt=ckpt))):
+        check_same_data_order(saved, data_fingerprint(cfg, ROWS[:9], 9), checkpoint=ckpt)
 
 
 def test_a_checkpoint_without_fingerprint_is_accepted(cfg):

@@ -34,6 +34,20 @@ def test_llama_flops_match_a_hand_count():
     assert training_flops(config, lengths) == _hand_count(model, 4, 8, 2, lengths)
 
 
+def test_a_frozen_base_costs_two_forwards_and_the_adapters_six_flops_per_parameter():
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )
+    lengths = [3, 5, 1, 17]
+    tokens = sum(lengths)
+    weights_forward = 2 * (2 * 9216 + 4096) * tokens
+    attention = training_flops(config, lengths) - 3 * weights_forward  # what the weights leave
+    got = training_flops(config, lengths, lora_params=1000)
+    assert got == 2 * weights_forward + attention + 6 * 1000 * tokens
+    assert got < training_flops(config, lengths)
+
+
 def test_non_gated_mlp_flops_match_a_hand_count():
     config = GPTNeoXConfig(
         vocab_size=100, hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=3

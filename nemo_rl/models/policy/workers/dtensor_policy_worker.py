@@ -141,7 +141,8 @@ class DTensorPolicyWorker:
         local_valid_tokens = count_valid_tokens(batch)
         local_valid_samples = (batch["sample_mask"] > 0).sum().to(torch.float64)
         lengths = batch["input_lengths"][batch["sample_mask"] > 0].tolist()  # the tokens of samples with loss
-        flops = training_flops(self.model.config, lengths, num_targets=int(local_valid_tokens.item()))
+        lora_params = self.parameter_counts["trainable"] if self.lora_targets else None
+        flops = training_flops(self.model.config, lengths, num_targets=int(local_valid_tokens.item()), lora_params=lora_params)
         work = torch.tensor([sum(lengths), flops], dtype=torch.float64)
         counts = torch.cat([torch.stack([local_valid_tokens, local_valid_samples]), work]).to(self.device)
         dist.all_reduce(counts)
@@ -337,7 +338,8 @@ def _attention_kwargs(attn_implementation: str | None) -> dict[str, str]:
 def _full_tensor(value: Any) -> Any:
     """The whole tensor on CPU (all-gathered from the ranks' shards if it is a DTensor)."""
     if isinstance(value, DTensor):
-        value = value.full_tensor()
+        # With cpu_offload the shards live on the CPU; NCCL gathers only device tensors.
+        value = value.to(value.device_mesh.device_type).full_tensor()
     return value.cpu() if isinstance(value, torch.Tensor) else value
 
 

@@ -163,15 +163,10 @@ def select_lora_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
                 )
         selected = [n for n in linear if any(pattern_matches(p, n) for p in cfg.target_modules)]
         how = f"target_modules={cfg.target_modules}"
-    elif cfg.match_all_linear:
+    else:  # match_all_linear: LoRAConfig refuses an empty target_modules without it
         head = _output_head_name(model)
         selected = [n for n in linear if n != head]
         how = f"match_all_linear (all linear layers but the output head {head!r})"
-    else:
-        raise ValueError(
-            f"{CONFIG_KEY}: target_modules is empty and match_all_linear is false, so LoRA targets "
-            "nothing; list target_modules (names or patterns like '*_proj') or set match_all_linear=true"
-        )
 
     all_names = [name for name, _ in model.named_modules() if name]
     for pattern in cfg.exclude_modules:

@@ -29,7 +29,8 @@ def _inputs(mb: BatchedDataDict) -> dict[str, torch.Tensor | bool]:
 
 
 def forward_logits(model: nn.Module, mb: BatchedDataDict) -> torch.Tensor:
-    """logits_BTV."""
+    """logits_BTV. Padding is on the right, so the causal mask alone keeps valid tokens from
+    seeing it: no attention mask, and default position ids unless the rows are packed."""
     return model(**_inputs(mb)).logits
 
 

@@ -195,12 +195,7 @@ class DTensorPolicyWorker:
     def get_logits(self, batch: BatchedDataDict) -> torch.Tensor:
         """logits_BTV (fp32, CPU) for this rank's `batch`, padding positions included."""
         self.model.eval()
-        return self._forward(batch.to(self.device)).float().cpu()
-
-    def _forward(self, mb: BatchedDataDict) -> torch.Tensor:
-        # Padding is on the right, so the causal mask alone keeps every valid token from
-        # seeing it: no attention mask needed, and default position ids are right.
-        return forward_logits(self.model, mb)
+        return forward_logits(self.model, batch.to(self.device)).float().cpu()
 
     def _micro_batches(self, batch: BatchedDataDict, micro_batch_size: int) -> list[BatchedDataDict]:
         """Packed or token-budget micro-batches when configured, else `micro_batch_size` rows."""
@@ -216,7 +211,7 @@ class DTensorPolicyWorker:
         if self.chunked_loss and hasattr(loss_fn, "from_hidden_states"):
             hidden_BTH = forward_hidden_states(self.model, mb)
             return loss_fn.from_hidden_states(hidden_BTH, self.model.get_output_embeddings(), mb, global_valid_tokens)
-        return loss_fn(self._forward(mb), mb, global_valid_tokens)
+        return loss_fn(forward_logits(self.model, mb), mb, global_valid_tokens)
 
     def _max_over_ranks(self, n: int) -> int:
         count = torch.tensor([n], dtype=torch.int64, device=self.device)

@@ -26,7 +26,8 @@ MAX_GRAD_NORM = 0.1  # small enough that every step of the tests clips
 EXPECTED_LRS = [0.5 * BASE_LR, 0.75 * BASE_LR, BASE_LR]
 
 
-def save_tiny_llama(path: str, *, tie_word_embeddings: bool = True) -> str:
+def tiny_llama(*, tie_word_embeddings: bool = True) -> LlamaForCausalLM:
+    """The policy tests' model: 2 layers, hidden 32, GQA 4/2 heads, seeded weights."""
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -38,7 +39,11 @@ def save_tiny_llama(path: str, *, tie_word_embeddings: bool = True) -> str:
         tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_llama(path: str, *, tie_word_embeddings: bool = True) -> str:
+    tiny_llama(tie_word_embeddings=tie_word_embeddings).save_pretrained(path)
     return path
 
 

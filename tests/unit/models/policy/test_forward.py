@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.unit.models.policy.policy_test_utils import VOCAB
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from tests.unit.models.policy.policy_test_utils import VOCAB, tiny_llama
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.models.policy.forward import (
@@ -18,12 +18,7 @@ from nemo_rl.models.policy.forward import (
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama().eval()
 
 
 def _samples(seed: int) -> list[torch.Tensor]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.unit.models.policy.policy_test_utils import VOCAB, policy_config
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.unit.models.policy.policy_test_utils import VOCAB, policy_config, tiny_llama
 
 from nemo_rl.algorithms.loss_functions import NLLLoss, count_valid_tokens, target_mask
 from nemo_rl.data.batched_data_dict import BatchedDataDict
@@ -107,12 +106,7 @@ def test_more_micro_batches_than_samples_adds_fillers_that_carry_no_loss():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama().eval()
 
 
 def _loss_and_grads(model, micro_batches, global_tokens, *, chunked: bool):

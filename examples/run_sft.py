@@ -19,7 +19,6 @@ from nemo_rl.data import DataError  # noqa: E402
 from nemo_rl.distributed import ClusterResourceError, WorkerError  # noqa: E402
 from nemo_rl.utils.errors import exit_on_user_error  # noqa: E402
 from nemo_rl.utils.preflight import PreflightError  # noqa: E402
-from nemo_rl.utils.progress import print_run_header  # noqa: E402
 
 # What a user fixes in their config, data or cluster; anything else is a bug and keeps its traceback.
 USER_ERRORS = (
@@ -31,9 +30,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "sft.y
 
 def main(argv: list[str] | None = None) -> int:
     cfg, config_path = parse_run_args(argv, default_config=DEFAULT_CONFIG, description=__doc__)
-    print_run_header(cfg, config_path)
     with exit_on_user_error(USER_ERRORS):
-        run = setup(cfg)
+        run = setup(cfg, config_path)
         try:
             sft_train(run)
         finally:

@@ -16,34 +16,21 @@ import torch.nn.functional as F
 
 from nemo_rl.algorithms.chunked_loss import chunked_nll_sum
 from nemo_rl.data.batched_data_dict import BatchedDataDict
+from nemo_rl.data.targets import target_mask
+from nemo_rl.models.policy.interfaces import LossFn, LossResult
 
 
-def target_mask(batch: BatchedDataDict) -> torch.Tensor:
-    """mask_BT1 (B, T-1) float32: 1 where token t+1 is a target predicted from tokens <= t.
-
-    Token 0 has no prediction, so the mask covers positions 1..T-1 of `token_mask`;
-    rows with sample_mask 0 contribute nothing.
-    """
-    token_mask_BT = batch["token_mask"].to(torch.float32)
-    sample_mask_B = batch["sample_mask"].to(torch.float32)
-    return token_mask_BT[:, 1:] * sample_mask_B[:, None]
-
-
-def count_valid_tokens(batch: BatchedDataDict) -> torch.Tensor:
-    """Number of target tokens in `batch` that carry loss (a 0-dim float64 tensor: exact
-    well past float32's 2**24)."""
-    return target_mask(batch).sum(dtype=torch.float64)
-
-
-class NLLLoss:
+class NLLLoss(LossFn):
     """loss = sum of masked token NLL in this micro-batch / global_valid_tokens."""
+
+    computes_from_hidden_states = True
 
     def __call__(
         self,
         logits_BTV: torch.Tensor,
         batch: BatchedDataDict,
         global_valid_tokens: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> LossResult:
         mask_BT1 = target_mask(batch).to(logits_BTV.device)
         targets_BT1 = batch["input_ids"][:, 1:].to(logits_BTV.device)
         # Position t predicts token t+1; the last position predicts nothing.
@@ -65,7 +52,7 @@ class NLLLoss:
         output_layer: torch.nn.Module,
         batch: BatchedDataDict,
         global_valid_tokens: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> LossResult:
         """The same loss from the last hidden states and the output layer, in chunks:
         no full-vocabulary logits for the micro-batch (see `chunked_loss`)."""
         mask_BT1 = target_mask(batch).to(hidden_BTH.device)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.algorithms.resume import (
     FINGERPRINT_KEY,
     check_same_data_order,
@@ -30,21 +31,23 @@ from nemo_rl.algorithms.resume import (
     seed_driver_rngs,
     select_checkpoint,
 )
-from nemo_rl.config import MasterConfig, config_to_yaml
-from nemo_rl.config.schema import LoRAConfig
+from nemo_rl.config import ConfigError, MasterConfig, config_to_yaml
+from nemo_rl.config.schema import LoRAConfig, batch_split_problem
 from nemo_rl.data.collate import sft_collate
 from nemo_rl.data.datasets import load_datasets
 from nemo_rl.data.processors import SFTDataset
 from nemo_rl.data.sampler import EpochSampler
 from nemo_rl.data.tokenizer import get_tokenizer
-from nemo_rl.distributed import RayVirtualCluster, WorkerDiedError, init_ray, shutdown_ray
+from nemo_rl.distributed import RayVirtualCluster, WorkerDiedError, init_ray, resolve_device, shutdown_ray
+from nemo_rl.distributed.devices import Device
 from nemo_rl.models.lora import describe_parameters
 from nemo_rl.models.policy import Policy
+from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.utils.checkpoint import CheckpointManager
 from nemo_rl.utils.flops import mfu
 from nemo_rl.utils.logger import Logger
 from nemo_rl.utils.preflight import preflight
-from nemo_rl.utils.progress import ProgressReporter
+from nemo_rl.utils.progress import ProgressReporter, print_run_header
 from nemo_rl.utils.signals import StopRequests
 from nemo_rl.utils.timer import Timer
 
@@ -66,8 +69,10 @@ class SFTRun:
     tokenizer: Any
     train_dataloader: StatefulDataLoader
     val_dataloader: StatefulDataLoader | None
+    device: Device
     cluster: RayVirtualCluster
     policy: Policy
+    loss_fn: LossFn
     logger: Logger
     checkpointer: CheckpointManager
     progress: SFTProgress
@@ -83,40 +88,49 @@ class SFTRun:
         shutdown_ray()
 
 
-def setup(cfg: MasterConfig) -> SFTRun:
-    """Data first (bad data fails before any worker starts), then Ray, then the policy."""
+def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
+    """The run's header (device and checkpoint resolved), then data (bad data fails before any
+    worker starts), then Ray, then the policy."""
     started_at = time.time()
+    device = resolve_device(cfg.cluster.device)
+    problem = batch_split_problem(cfg.policy, cfg.cluster.world_size(device))
+    if problem:
+        raise ConfigError(f"{problem} (cluster.device={cfg.cluster.device} resolved to {device})")
+    checkpointer = CheckpointManager(cfg.checkpointing)
+    resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
+    print_run_header(cfg, config_path, device=device, resumes_from=resumed_from)
+
     tokenizer = get_tokenizer(cfg.policy.tokenizer, trust_remote_code=cfg.policy.trust_remote_code)
     datasets = load_datasets(cfg.data)
     train_dataset, train_dataloader, val_dataloader, overlength_counts = _dataloaders(cfg, tokenizer, datasets)
     preflight(cfg)
-    checkpointer = CheckpointManager(cfg.checkpointing)
     fingerprint = data_fingerprint(cfg, datasets.train, len(train_dataset))
     seed_driver_rngs(cfg.sft.seed)
     progress = SFTProgress()
-    resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
     if resumed_from is not None:
         progress = _restore_driver_state(checkpointer, resumed_from, train_dataloader, fingerprint)
 
     logger = Logger(cfg.logger, run_config=cfg.model_dump(mode="json"))
     init_ray(temp_dir=str(logger.run_dir / "ray"))
-    cluster, policy = _start_workers(cfg, resumed_from)
+    cluster, policy = _start_workers(cfg, device, resumed_from)
     lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
     _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
     return SFTRun(
-        cfg, tokenizer, train_dataloader, val_dataloader, cluster, policy, logger, checkpointer,
-        progress, resumed_from, overlength_counts, data_fingerprint=fingerprint, started_at=started_at,
+        cfg, tokenizer, train_dataloader, val_dataloader, device, cluster, policy, NLLLoss(), logger,
+        checkpointer, progress, resumed_from, overlength_counts, data_fingerprint=fingerprint, started_at=started_at,
     )
 
 
-def validate(policy: Policy, val_dataloader: StatefulDataLoader, *, val_batches: int, micro_batch_size: int) -> dict[str, float]:
-    """Token-weighted mean NLL over the first `val_batches` batches (0 = all)."""
+def validate(
+    policy: Policy, val_dataloader: StatefulDataLoader, loss_fn: LossFn, *, val_batches: int, micro_batch_size: int
+) -> dict[str, float]:
+    """Token-weighted mean loss over the first `val_batches` batches (0 = all)."""
     loss_sum, tokens = 0.0, 0.0
     for batch_index, batch in enumerate(val_dataloader):
         if val_batches and batch_index >= val_batches:
             break
-        result = policy.validate(batch, micro_batch_size=micro_batch_size)
-        loss_sum += result["loss"] * result["num_valid_tokens"]
+        result = policy.validate(batch, loss_fn, micro_batch_size=micro_batch_size)
+        loss_sum += result["loss_sum"]
         tokens += result["num_valid_tokens"]
     return {"val_loss": loss_sum / tokens if tokens else float("nan"), "val_tokens": tokens}
 
@@ -176,7 +190,7 @@ def _train_step(run: SFTRun, batch, reporter: ProgressReporter, total_steps: int
     """One optimizer step on the global `batch`, its metrics logged, then validation when due."""
     cfg, progress, timer = run.cfg, run.progress, Timer()
     with timer.time("total_step_time"):
-        metrics = run.policy.train(batch)
+        metrics = run.policy.train(batch, run.loss_fn)
     progress.step += 1
     progress.consumed_samples += cfg.policy.train_global_batch_size
     progress.skipped_updates += bool(metrics.get("update_skipped"))
@@ -219,7 +233,7 @@ def _restart_workers(run: SFTRun, failure: WorkerDiedError) -> None:
         run.progress = _rewind_to_start(run)
     else:
         run.progress = _restore_driver_state(run.checkpointer, checkpoint, run.train_dataloader, run.data_fingerprint)
-    run.cluster, run.policy = _start_workers(run.cfg, checkpoint)
+    run.cluster, run.policy = _start_workers(run.cfg, run.device, checkpoint)
     run.logger.log_metrics({"fault/worker_restarts": run.restarts}, run.progress.step)
 
 
@@ -343,6 +357,7 @@ def _validate_and_log(run: SFTRun, *, step: int) -> dict[str, float]:
     result = validate(
         run.policy,
         run.val_dataloader,
+        run.loss_fn,
         val_batches=run.cfg.sft.val_batches,
         micro_batch_size=run.cfg.sft.val_micro_batch_size,
     )
@@ -436,10 +451,9 @@ def _rewind_to_start(run: SFTRun) -> SFTProgress:
     return SFTProgress()
 
 
-def _start_workers(cfg: MasterConfig, checkpoint: Path | None) -> tuple[RayVirtualCluster, Policy]:
+def _start_workers(cfg: MasterConfig, device: Device, checkpoint: Path | None) -> tuple[RayVirtualCluster, Policy]:
     """Reserves the slots and starts one policy worker in each, from `checkpoint` if given."""
-    device = cfg.cluster.resolved_device()
-    cluster = RayVirtualCluster(cfg.cluster.num_nodes, cfg.cluster.workers_per_node(), use_gpus=device == "cuda")
+    cluster = RayVirtualCluster(cfg.cluster.num_nodes, cfg.cluster.workers_per_node(device), use_gpus=device == "cuda")
     try:
         policy = Policy(
             cluster,

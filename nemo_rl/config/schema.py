@@ -121,6 +121,22 @@ class DTensorConfig(Section):
     # samples flash-attention's variable-length path instead of a block-diagonal mask.
     attn_implementation: str | None = None
 
+    @model_validator(mode="after")
+    def _refuse_model_parallel_keys(self) -> DTensorConfig:
+        # Both belong to tensor parallelism, which this build does not shard with yet: refused
+        # rather than accepted and ignored.
+        if self.sequence_parallel:
+            raise ValueError(
+                "sequence_parallel=true needs tensor parallelism, which this build does not have "
+                "(it shards with FSDP2 data parallelism only); set it to false"
+            )
+        if self.custom_parallel_plan is not None:
+            raise ValueError(
+                f"custom_parallel_plan={self.custom_parallel_plan!r}: a tensor-parallel plan, which "
+                "this build does not apply (it shards with FSDP2 data parallelism only); set it to null"
+            )
+        return self
+
 
 class DynamicBatchingConfig(Section):
     enabled: bool = False
@@ -335,16 +351,13 @@ class ClusterConfig(Section):
     # times per run; 0: stop with an error that says which checkpoint a resume would use.
     max_restarts: int = Field(0, ge=0)
 
-    def resolved_device(self) -> Literal["cuda", "cpu"]:
-        """`auto` becomes cuda when this process sees a GPU, cpu otherwise."""
-        if self.device != "auto":
-            return self.device
-        import torch
+    def workers_per_node(self, device: Literal["cuda", "cpu"]) -> int:
+        """Workers per node on `device` (`device: auto` is resolved by the cluster layer, where
+        the job runs: nemo_rl.distributed.resolve_device)."""
+        return self.gpus_per_node if device == "cuda" else self.cpu_workers_per_node
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def workers_per_node(self) -> int:
-        return self.gpus_per_node if self.resolved_device() == "cuda" else self.cpu_workers_per_node
+    def world_size(self, device: Literal["cuda", "cpu"]) -> int:
+        return self.num_nodes * self.workers_per_node(device)
 
 
 # ---------------------------------------------------------------- the whole run
@@ -371,12 +384,23 @@ class MasterConfig(Section):
                 "policy.dtensor_cfg.tensor_parallel_size and context_parallel_size must be 1: "
                 "this build shards with FSDP2 data parallelism only"
             )
-        world_size = self.cluster.num_nodes * self.cluster.workers_per_node()
-        per_rank, remainder = divmod(self.policy.train_global_batch_size, world_size)
-        if remainder or per_rank % self.policy.train_micro_batch_size:
-            raise ValueError(
-                f"policy.train_global_batch_size={self.policy.train_global_batch_size} must split "
-                f"evenly over {world_size} workers into micro-batches of "
-                f"policy.train_micro_batch_size={self.policy.train_micro_batch_size}"
-            )
+        # With `device: auto` the world size depends on the machine the job runs on, so the
+        # check waits for the cluster layer there (sft.setup), still before any worker starts.
+        if self.cluster.device != "auto":
+            problem = batch_split_problem(self.policy, self.cluster.world_size(self.cluster.device))
+            if problem:
+                raise ValueError(problem)
         return self
+
+
+def batch_split_problem(policy: PolicyConfig, world_size: int) -> str | None:
+    """Why `policy.train_global_batch_size` does not split over `world_size` data-parallel
+    workers into whole micro-batches, or None when it does."""
+    per_rank, remainder = divmod(policy.train_global_batch_size, world_size)
+    if remainder or per_rank % policy.train_micro_batch_size:
+        return (
+            f"policy.train_global_batch_size={policy.train_global_batch_size} must split "
+            f"evenly over {world_size} workers into micro-batches of "
+            f"policy.train_micro_batch_size={policy.train_micro_batch_size}"
+        )
+    return None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 
@@ -55,27 +53,8 @@ class BatchedDataDict(dict):
                 out[key] = list(value) + [None] * missing
         return out
 
-    @classmethod
-    def from_batches(cls, batches: list[dict[str, Any]]) -> BatchedDataDict:
-        """Concatenates batches along the batch dimension, right-padding the time dimension."""
-        out = cls()
-        for key in batches[0]:
-            values = [batch[key] for batch in batches]
-            if isinstance(values[0], torch.Tensor):
-                out[key] = _cat_right_padded(values)
-            else:
-                out[key] = [item for value in values for item in value]
-        return out
-
     def to(self, device: torch.device | str) -> BatchedDataDict:
         return BatchedDataDict(
             {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
         )
 
-
-def _cat_right_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if tensors[0].dim() < 2:
-        return torch.cat(tensors)
-    width = max(t.shape[1] for t in tensors)
-    padded = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors]
-    return torch.cat(padded)

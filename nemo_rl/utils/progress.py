@@ -1,6 +1,6 @@
 """The live progress line and the end-of-run summary.
 
-    print_run_header(cfg, config_path)       # what runs, where checkpoints and logs go
+    print_run_header(cfg, config_path, device="cpu", resumes_from=None)   # what runs, where things go
     with ProgressReporter(total_steps=150, start_step=resumed_step) as progress:
         for step in ...:
             progress.update(step, {"train/loss": 2.314, "train/lr": 1e-3, ...})
@@ -194,10 +194,17 @@ class ProgressReporter:
 
 
 def print_run_header(
-    cfg: MasterConfig, config_path: str | Path | None = None, file: TextIO | None = None
+    cfg: MasterConfig,
+    config_path: str | Path | None = None,
+    *,
+    device: str,
+    resumes_from: Path | None,
+    file: TextIO | None = None,
 ) -> None:
-    """Print what is about to run and where its checkpoints and logs go (before Ray starts)."""
-    from nemo_rl.utils.checkpoint import CheckpointManager
+    """Print what is about to run and where its checkpoints and logs go (before Ray starts).
+
+    `device` is the resolved `cluster.device`; `resumes_from` the checkpoint the run will
+    actually start from (what `checkpointing.resume` selected), None for a fresh start."""
     from nemo_rl.utils.logger import peek_next_experiment_dir
 
     file = file if file is not None else sys.stdout
@@ -208,8 +215,7 @@ def print_run_header(
     val = cfg.data.validation
     if val is not None:
         data += f" (validation: {val.dataset_name or val.data_path or 'split from train'})"
-    device = cluster.resolved_device()
-    workers = cluster.gpus_per_node if device == "cuda" else cluster.cpu_workers_per_node
+    workers = cluster.workers_per_node(device)
     lora = " + LoRA" if policy.dtensor_cfg.lora_cfg.enabled else ""
 
     rows: list[tuple[str, str]] = [
@@ -230,11 +236,10 @@ def print_run_header(
             keep += f" by {ckpt.metric_name}"
         every = f"every {ckpt.save_period} steps"
         rows.append(("checkpoints", f"{ckpt.checkpoint_dir} ({every}, {keep})"))
-        latest = CheckpointManager(ckpt).get_latest_checkpoint_path()
-        if latest is not None:
-            rows.append(("resumes from", str(latest)))
     else:
         rows.append(("checkpoints", "off (checkpointing.enabled=false)"))
+    if resumes_from is not None:
+        rows.append(("resumes from", str(resumes_from)))
     backends = [
         name
         for name, on in (

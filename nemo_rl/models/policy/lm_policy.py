@@ -12,7 +12,9 @@ from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
-from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker, LossFn
+from nemo_rl.models.policy.interfaces import LossFn
+from nemo_rl.models.policy.micro_batching import MicroBatchPlan
+from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
 
 class Policy:
@@ -33,6 +35,7 @@ class Policy:
         optimizer_path: str | None = None,
     ):
         self.cfg = policy_cfg
+        self.train_plan = MicroBatchPlan.for_training(policy_cfg)
         self.worker_group = RayWorkerGroup(
             cluster,
             DTensorPolicyWorker,
@@ -52,13 +55,11 @@ class Policy:
         # {"trainable": ..., "total": ...}: parameter counts of the whole model (LoRA: adapter vs all).
         self.parameter_counts: dict[str, int] = self.worker_group.run_all("get_parameter_counts")[0]
 
-    def train(self, batch: BatchedDataDict, loss_fn: LossFn | None = None) -> dict[str, Any]:
-        """One optimizer step on the global `batch`. `loss_fn` (picklable, called as
-        `loss_fn(logits_BTV, micro_batch, global_valid_tokens)`) defaults to NLLLoss."""
+    def train(self, batch: BatchedDataDict, loss_fn: LossFn) -> dict[str, Any]:
+        """One optimizer step on the global `batch` with the algorithm's `loss_fn`, in the
+        micro-batches the `policy` section configures."""
         shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
-        results = self.worker_group.run_sharded(
-            "train", shards, micro_batch_size=self.cfg.train_micro_batch_size, loss_fn=loss_fn
-        )
+        results = self.worker_group.run_sharded("train", shards, loss_fn=loss_fn, plan=self.train_plan)
         # loss, grad_norm, lr and the global counts are already reduced: identical on all ranks.
         shared = ("loss", "grad_norm", "lr", "num_valid_tokens", "num_valid_samples", "num_tokens", "model_flops")
         metrics = {k: results[0][k] for k in shared}
@@ -70,15 +71,17 @@ class Policy:
         metrics["local_valid_tokens_per_worker"] = [r["local_valid_tokens"] for r in results]
         return metrics
 
-    def validate(self, batch: BatchedDataDict, *, micro_batch_size: int | None = None) -> dict[str, float]:
-        """Token-weighted mean NLL of `batch` and its number of target tokens."""
+    def validate(self, batch: BatchedDataDict, loss_fn: LossFn, *, micro_batch_size: int) -> dict[str, float]:
+        """`loss_fn`'s sum over `batch` (no update) and its number of target tokens, for the
+        caller to add up over batches and divide once. `micro_batch_size` rows per micro-batch,
+        or that many longest sequences' tokens under dynamic batching or packing."""
         shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
-        results = self.worker_group.run_sharded(
-            "validate", shards, micro_batch_size=micro_batch_size or self.cfg.train_micro_batch_size
-        )
-        loss_sum = sum(r["loss_sum"] for r in results)
-        tokens = sum(r["num_valid_tokens"] for r in results)
-        return {"loss": loss_sum / tokens if tokens else float("nan"), "num_valid_tokens": tokens}
+        plan = MicroBatchPlan.for_validation(self.cfg, micro_batch_size)
+        results = self.worker_group.run_sharded("validate", shards, loss_fn=loss_fn, plan=plan)
+        return {
+            "loss_sum": sum(r["loss_sum"] for r in results),
+            "num_valid_tokens": sum(r["num_valid_tokens"] for r in results),
+        }
 
     def save_checkpoint(
         self,

@@ -1,8 +1,16 @@
-"""Token-budget micro-batches of one rank's local batch: dynamic batching or sequence packing.
+"""How one rank's local batch becomes micro-batches: fixed rows, dynamic batching or packing.
 
 Shape legend: B batch (samples), T time (tokens).
 
-Both run on the worker, after the driver has split the global batch over the data-parallel
+The caller decides how, in one `MicroBatchPlan` per call: training uses the `policy` section's
+settings (`MicroBatchPlan.for_training`), validation its own micro-batch size
+(`MicroBatchPlan.for_validation`), so nothing on the worker reads a micro-batch setting from
+anywhere else.
+
+  fixed rows         `micro_batch_size` rows at a time, each micro-batch's right padding past its
+                     longest row trimmed (to a multiple of `make_sequence_length_divisible_by`).
+
+Token-budget micro-batches (dynamic batching and packing) both run on the worker, after the driver has split the global batch over the data-parallel
 ranks, and both only regroup samples: every sample that carries loss lands in exactly one
 micro-batch, and the loss of each is still divided by the global count of valid tokens.
 So the loss and the update equal those of plain fixed-size micro-batches.
@@ -25,26 +33,88 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from nemo_rl.algorithms.loss_functions import target_mask
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.data.packing import PACKING_ALGORITHMS, Bins, pack_rows, round_up
+from nemo_rl.data.targets import target_mask
 
 
-def uses_token_budget(cfg: PolicyConfig) -> bool:
-    return cfg.sequence_packing.enabled or cfg.dynamic_batching.enabled
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """How a worker call splits its rows: `micro_batch_size` rows at a time, or, when
+    `token_budget` is set, groups of at most that many tokens (packed into one row each when
+    `packing_algorithm` is set, else padded: dynamic batching). Lengths are rounded up to a
+    multiple of `length_multiple`."""
+
+    micro_batch_size: int
+    length_multiple: int = 1
+    token_budget: int | None = None
+    packing_algorithm: str | None = None
+
+    @classmethod
+    def for_training(cls, cfg: PolicyConfig) -> MicroBatchPlan:
+        """`policy.train_micro_batch_size`, or the enabled token-budget section's train_mb_tokens
+        (unset: NeMo RL's default, max_total_sequence_length x train_micro_batch_size)."""
+        return cls._from_policy(cfg, cfg.train_micro_batch_size, _train_mb_tokens(cfg))
+
+    @classmethod
+    def for_validation(cls, cfg: PolicyConfig, micro_batch_size: int) -> MicroBatchPlan:
+        """`micro_batch_size` rows (sft.val_micro_batch_size); under a token budget, the tokens of
+        that many sequences of the longest allowed length (max_total_sequence_length)."""
+        return cls._from_policy(cfg, micro_batch_size, cfg.max_total_sequence_length * micro_batch_size)
+
+    @classmethod
+    def _from_policy(cls, cfg: PolicyConfig, micro_batch_size: int, budget: int) -> MicroBatchPlan:
+        section = _token_budget_section(cfg)
+        if section is None:
+            return cls(micro_batch_size, length_multiple=cfg.make_sequence_length_divisible_by)
+        return cls(
+            micro_batch_size,
+            length_multiple=math.lcm(section.sequence_length_round, cfg.make_sequence_length_divisible_by),
+            token_budget=budget,
+            packing_algorithm=cfg.sequence_packing.algorithm if cfg.sequence_packing.enabled else None,
+        )
 
 
-def token_budget(cfg: PolicyConfig) -> tuple[int, int]:
-    """(train_mb_tokens, the multiple lengths are rounded up to). An unset train_mb_tokens
-    means NeMo RL's default: max_total_sequence_length x train_micro_batch_size."""
-    section = cfg.sequence_packing if cfg.sequence_packing.enabled else cfg.dynamic_batching
-    budget = section.train_mb_tokens or cfg.max_total_sequence_length * cfg.train_micro_batch_size
-    multiple = math.lcm(section.sequence_length_round, cfg.make_sequence_length_divisible_by)
-    return budget, multiple
+def _token_budget_section(cfg: PolicyConfig):
+    if cfg.sequence_packing.enabled:
+        return cfg.sequence_packing
+    if cfg.dynamic_batching.enabled:
+        return cfg.dynamic_batching
+    return None
+
+
+def _train_mb_tokens(cfg: PolicyConfig) -> int:
+    section = _token_budget_section(cfg)
+    configured = section.train_mb_tokens if section is not None else None
+    return configured or cfg.max_total_sequence_length * cfg.train_micro_batch_size
+
+
+def micro_batches(
+    batch: BatchedDataDict, plan: MicroBatchPlan, *, max_over_ranks: Callable[[int], int]
+) -> list[BatchedDataDict]:
+    """This rank's micro-batches of `batch` per `plan`; `max_over_ranks(n)` returns the largest n
+    over the ranks (token-budget plans must agree on a count, see the module docstring)."""
+    if plan.token_budget is not None:
+        return token_budget_micro_batches(batch, plan, max_over_ranks=max_over_ranks)
+    return [trim_right_padding(mb, plan.length_multiple) for mb in batch.micro_batches(plan.micro_batch_size)]
+
+
+def trim_right_padding(mb: BatchedDataDict, multiple: int) -> BatchedDataDict:
+    """Drops the time steps past the micro-batch's longest sequence (all right padding),
+    keeping the length a multiple of `multiple`. Exact: causal attention never looks right."""
+    width = mb["input_ids"].shape[1]
+    longest = int(mb["input_lengths"].max().item()) if len(mb["input_lengths"]) else width
+    keep = min(width, max(2, round_up(longest, multiple)))
+    if keep == width:
+        return mb
+    return BatchedDataDict(
+        {k: v[:, :keep] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v for k, v in mb.items()}
+    )
 
 
 def dynamic_batch_groups(lengths: list[int], budget: int, multiple: int) -> Bins:
@@ -100,17 +170,17 @@ def _padded_rows(batch: BatchedDataDict, group: list[int], multiple: int) -> Bat
 
 
 def token_budget_micro_batches(
-    batch: BatchedDataDict, cfg: PolicyConfig, *, max_over_ranks: Callable[[int], int]
+    batch: BatchedDataDict, plan: MicroBatchPlan, *, max_over_ranks: Callable[[int], int]
 ) -> list[BatchedDataDict]:
-    """This rank's micro-batches under `policy.sequence_packing` or `policy.dynamic_batching`
-    (whichever is enabled); `max_over_ranks(n)` returns the largest n over the ranks."""
-    budget, multiple = token_budget(cfg)
+    """Packed (`plan.packing_algorithm` set) or dynamically batched micro-batches of at most
+    `plan.token_budget` tokens; `max_over_ranks(n)` returns the largest n over the ranks."""
+    budget, multiple = plan.token_budget, plan.length_multiple
     has_targets_B = target_mask(batch).sum(dim=1) > 0
     kept = has_targets_B.nonzero().flatten().tolist()
     lengths = [int(n) for n in batch["input_lengths"][kept].tolist()]
-    packed = cfg.sequence_packing.enabled
+    packed = plan.packing_algorithm is not None
     if packed:
-        groups = PACKING_ALGORITHMS[cfg.sequence_packing.algorithm](lengths, budget)
+        groups = PACKING_ALGORITHMS[plan.packing_algorithm](lengths, budget)
     else:
         groups = dynamic_batch_groups(lengths, budget, multiple)
     groups = spread_to_count(groups, lengths, max_over_ranks(max(1, len(groups))))

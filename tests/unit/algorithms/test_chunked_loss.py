@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nemo_rl.algorithms.chunked_loss import chunked_nll_sum
-from nemo_rl.algorithms.loss_functions import NLLLoss, count_valid_tokens, target_mask
+from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.data.targets import count_valid_tokens, target_mask
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 
 B, T, H, V = 5, 11, 8, 37

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_rl.algorithms.loss_functions import NLLLoss, count_valid_tokens
+from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.data.targets import count_valid_tokens
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 
 B, T, V = 6, 9, 11

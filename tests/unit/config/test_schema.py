@@ -79,3 +79,14 @@ def test_token_budget_must_hold_the_longest_sample(section):
 def test_compile_is_off_and_the_chunked_loss_on_by_default():
     cfg = policy()
     assert cfg.dtensor_cfg.compile is False and cfg.dtensor_cfg.chunked_loss is True
+
+
+@pytest.mark.parametrize(
+    "dtensor_cfg, refused",
+    [({"sequence_parallel": True}, "sequence_parallel=true"), ({"custom_parallel_plan": "my.plan"}, "custom_parallel_plan='my.plan'")],
+)
+def test_tensor_parallel_only_keys_are_refused_not_ignored(dtensor_cfg, refused):
+    with pytest.raises(ValidationError, match=refused):
+        policy(dtensor_cfg=dtensor_cfg)
+    # their defaults, as NeMo RL's recipes spell them out, load
+    policy(dtensor_cfg={"sequence_parallel": False, "custom_parallel_plan": None})

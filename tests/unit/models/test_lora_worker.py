@@ -22,6 +22,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
 NUM_STEPS = 3
@@ -40,7 +42,7 @@ def _batches():
 
 def _train(worker, batches, rank, world_size, micro_batch_size):
     local = [b.shard_by_batch_size(world_size)[rank] for b in batches]
-    return [worker.train(b, micro_batch_size=micro_batch_size) for b in local]
+    return [worker.train(b, NLLLoss(), MicroBatchPlan(micro_batch_size)) for b in local]
 
 
 def _full_state(worker) -> dict[str, torch.Tensor]:

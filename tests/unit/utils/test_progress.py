@@ -121,7 +121,7 @@ def test_run_header_says_where_things_go(tmp_path):
     )
     (tmp_path / "logs" / "exp_007").mkdir(parents=True)
     out = io.StringIO()
-    print_run_header(cfg, "configs/x.yaml", file=out)
+    print_run_header(cfg, "configs/x.yaml", device="cpu", resumes_from=None, file=out)
     text = out.getvalue()
     assert not ESCAPE.search(text), repr(text)
     for expected in ["configs/x.yaml", "assets/tiny-llama", "squad", "2 cpu worker(s)",
@@ -129,3 +129,26 @@ def test_run_header_says_where_things_go(tmp_path):
                      str(tmp_path / "logs" / "exp_008"), "tensorboard"]:
         assert expected in text, expected
     assert not (tmp_path / "logs" / "exp_008").exists()  # the header creates nothing
+
+
+def test_run_header_names_the_checkpoint_it_is_given_to_resume_from(tmp_path):
+    """The header shows what `checkpointing.resume` selected (sft.setup passes it), which need
+    not be the latest checkpoint in checkpoint_dir; nothing when the run starts fresh."""
+    cfg = MasterConfig.model_validate(
+        {
+            "sft": {"max_num_steps": 5},
+            "policy": {
+                "model_name": "m", "tokenizer": {"name": "m"},
+                "train_global_batch_size": 4, "train_micro_batch_size": 1, "max_total_sequence_length": 64,
+            },
+            "data": {"max_input_seq_length": 64, "train": {"dataset_name": "squad"}},
+            "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt")},
+            "logger": {"log_dir": str(tmp_path / "logs")},
+        }
+    )
+    fresh, resumed = io.StringIO(), io.StringIO()
+    print_run_header(cfg, device="cuda", resumes_from=None, file=fresh)
+    print_run_header(cfg, device="cuda", resumes_from=tmp_path / "elsewhere" / "step_3", file=resumed)
+    assert "resumes from" not in fresh.getvalue()
+    assert str(tmp_path / "elsewhere" / "step_3") in resumed.getvalue()
+    assert "1 cuda worker(s)" in fresh.getvalue()

@@ -6,9 +6,10 @@ ranks call each method together (every method runs collectives).
 
 Shape legend: B batch, T time (tokens), V vocabulary.
 
-What one `train` call does, for this rank's shard of the global batch:
+What one `train(batch, loss_fn, plan)` call does, for this rank's shard of the global batch:
   1. all-reduce the count of valid target tokens (and samples) over the data-parallel ranks;
-  2. per micro-batch: forward, loss = masked NLL sum / global valid tokens, backward;
+  2. per micro-batch of `plan` (models/policy/micro_batching.py): forward, the algorithm's
+     `loss_fn` (models/policy/interfaces.py: its sum divided by the global valid tokens), backward;
      FSDP reduce-scatters each micro-batch's gradients with a SUM over ranks (see
      `parallelize.apply_fsdp`), so the accumulated gradient is that of the global-mean loss;
   3. global gradient norm (over all shards), clip at `max_grad_norm`, optimizer and
@@ -22,7 +23,7 @@ import logging
 import math
 import os
 import resource
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,9 +39,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
-from nemo_rl.algorithms.loss_functions import NLLLoss, count_valid_tokens
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
+from nemo_rl.data.targets import count_valid_tokens
 from nemo_rl.distributed.worker_env import init_torch_distributed
 from nemo_rl.models.lora import apply_lora, merge_lora_state_dict, parameter_counts, peft_target_modules, save_peft_adapter
 from nemo_rl.models.parallelize import PRECISIONS, apply_activation_checkpointing, apply_compile, apply_fsdp
@@ -50,12 +51,11 @@ from nemo_rl.models.policy.forward import (
     output_layer_gives_logits,
     packed_attention_is_isolated,
 )
-from nemo_rl.models.policy.micro_batching import token_budget_micro_batches, uses_token_budget
 from nemo_rl.models.policy.hf_export import save_hf_checkpoint, shared_parameter_aliases
+from nemo_rl.models.policy.interfaces import LossFn, LossResult
+from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
 from nemo_rl.utils.flops import device_peak_flops, training_flops
-
-LossFn = Callable[[torch.Tensor, BatchedDataDict, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
 RNG_FILE = "rng_rank{rank}.pt"  # in optimizer_path, one per rank (dropout streams)
@@ -113,7 +113,6 @@ class DTensorPolicyWorker:
         self.model = model
         self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], policy_cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, *policy_cfg.scheduler_entries())
-        self.loss_fn: LossFn = NLLLoss()
         self.peak_flops, _ = device_peak_flops(self.device, PRECISIONS[policy_cfg.precision])
 
         # Randomness that should differ per rank (dropout) from here on.
@@ -125,15 +124,8 @@ class DTensorPolicyWorker:
 
     # ------------------------------------------------------------------ train / eval
 
-    def train(
-        self,
-        batch: BatchedDataDict,
-        *,
-        micro_batch_size: int,
-        loss_fn: LossFn | None = None,
-    ) -> dict[str, Any]:
+    def train(self, batch: BatchedDataDict, loss_fn: LossFn, plan: MicroBatchPlan) -> dict[str, Any]:
         """One optimizer step on this rank's shard of the global batch."""
-        loss_fn = loss_fn or self.loss_fn
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
@@ -149,7 +141,7 @@ class DTensorPolicyWorker:
         global_valid_tokens = counts[0].to(torch.float32)
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for mb in self._micro_batches(batch, micro_batch_size):
+        for mb in self._micro_batches(batch, plan):
             loss, _ = self._loss(loss_fn, mb.to(self.device), global_valid_tokens)
             loss.backward()
             loss_sum += loss.detach()
@@ -180,14 +172,15 @@ class DTensorPolicyWorker:
         }
 
     @torch.no_grad()
-    def validate(self, batch: BatchedDataDict, *, micro_batch_size: int) -> dict[str, float]:
-        """This rank's masked NLL sum and valid-token count; the driver token-weights them."""
+    def validate(self, batch: BatchedDataDict, loss_fn: LossFn, plan: MicroBatchPlan) -> dict[str, float]:
+        """This rank's loss sum (each micro-batch's loss with global_valid_tokens = 1) and its
+        valid-token count; the caller adds them up over ranks and batches and divides once."""
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         num_valid_tokens = 0.0
-        for mb in self._micro_batches(batch, micro_batch_size):
-            _, metrics = self._loss(self.loss_fn, mb.to(self.device), torch.ones((), device=self.device))
-            loss_sum += metrics["nll_sum"]
+        for mb in self._micro_batches(batch, plan):
+            loss, metrics = self._loss(loss_fn, mb.to(self.device), torch.ones((), device=self.device))
+            loss_sum += loss
             num_valid_tokens += metrics["num_valid_tokens"].item()
         return {"loss_sum": loss_sum.item(), "num_valid_tokens": num_valid_tokens}
 
@@ -197,18 +190,12 @@ class DTensorPolicyWorker:
         self.model.eval()
         return forward_logits(self.model, batch.to(self.device)).float().cpu()
 
-    def _micro_batches(self, batch: BatchedDataDict, micro_batch_size: int) -> list[BatchedDataDict]:
-        """Packed or token-budget micro-batches when configured, else `micro_batch_size` rows."""
-        if uses_token_budget(self.cfg):
-            return token_budget_micro_batches(batch, self.cfg, max_over_ranks=self._max_over_ranks)
-        return [
-            _trim_right_padding(mb, self.cfg.make_sequence_length_divisible_by)
-            for mb in batch.micro_batches(micro_batch_size)
-        ]
+    def _micro_batches(self, batch: BatchedDataDict, plan: MicroBatchPlan) -> list[BatchedDataDict]:
+        return micro_batches(batch, plan, max_over_ranks=self._max_over_ranks)
 
-    def _loss(self, loss_fn: LossFn, mb: BatchedDataDict, global_valid_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The chunked loss (no full logits) where the loss function and the model allow it."""
-        if self.chunked_loss and hasattr(loss_fn, "from_hidden_states"):
+    def _loss(self, loss_fn: LossFn, mb: BatchedDataDict, global_valid_tokens: torch.Tensor) -> LossResult:
+        """From hidden states (no full logits) where the loss function and the model allow it."""
+        if self.chunked_loss and loss_fn.computes_from_hidden_states:
             hidden_BTH = forward_hidden_states(self.model, mb)
             return loss_fn.from_hidden_states(hidden_BTH, self.model.get_output_embeddings(), mb, global_valid_tokens)
         return loss_fn(forward_logits(self.model, mb), mb, global_valid_tokens)
@@ -349,16 +336,3 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _trim_right_padding(mb: BatchedDataDict, multiple: int) -> BatchedDataDict:
-    """Drops the time steps past the micro-batch's longest sequence (all right padding),
-    keeping the length a multiple of `multiple`. Exact: causal attention never looks right."""
-    width = mb["input_ids"].shape[1]
-    longest = int(mb["input_lengths"].max().item()) if len(mb["input_lengths"]) else width
-    keep = min(width, max(2, -(-longest // multiple) * multiple))
-    if keep == width:
-        return mb
-    return BatchedDataDict(
-        {k: v[:, :keep] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v for k, v in mb.items()}
-    )

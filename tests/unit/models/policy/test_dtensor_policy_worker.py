@@ -32,6 +32,8 @@ from tests.unit.models.policy.policy_test_utils import (
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
 NUM_STEPS = 3
@@ -46,7 +48,7 @@ def _local(batch, rank, world_size):
 
 
 def _train(worker, batches, rank, world_size, micro_batch_size):
-    return [worker.train(_local(b, rank, world_size), micro_batch_size=micro_batch_size) for b in batches]
+    return [worker.train(_local(b, rank, world_size), NLLLoss(), MicroBatchPlan(micro_batch_size)) for b in batches]
 
 
 def _world1(rank, model_dir, out_dir):
@@ -78,7 +80,7 @@ def _world2(rank, model_dir, out_dir):
     results["mb1"] += _train(worker, batches[2:], rank, 2, micro_batch_size=1)
     worker.save_checkpoint(weights_path=None, hf_path=os.path.join(out_dir, "w2_mb1_hf"))
     results["mb1_logits"] = worker.get_logits(batches[0])  # the whole batch on every rank
-    results["mb1_validate"] = worker.validate(_local(batches[0], rank, 2), micro_batch_size=3)
+    results["mb1_validate"] = worker.validate(_local(batches[0], rank, 2), NLLLoss(), MicroBatchPlan(3))
     del worker
 
     worker = DTensorPolicyWorker(cfg, seed=1, device="cpu", **ckpt)

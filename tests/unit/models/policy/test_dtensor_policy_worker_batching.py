@@ -33,6 +33,8 @@ from transformers import AutoModelForCausalLM
 
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.models.policy.workers import dtensor_policy_worker
+from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.utils.flops import training_flops
 
@@ -57,7 +59,7 @@ def _batches():
 
 
 def _run(worker, batches, rank, world_size):
-    history = [worker.train(b.shard_by_batch_size(world_size)[rank], micro_batch_size=1) for b in batches]
+    history = [worker.train(b.shard_by_batch_size(world_size)[rank], NLLLoss(), MicroBatchPlan.for_training(worker.cfg)) for b in batches]
     return {"history": history, "logits": worker.get_logits(make_batch(5))}
 
 

@@ -14,6 +14,7 @@ from tests.unit.models.policy.policy_test_utils import (
 from transformers import AutoModelForCausalLM
 
 from nemo_rl.distributed import RayVirtualCluster, init_ray, shutdown_ray
+from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy import Policy
 
 pytestmark = pytest.mark.ray
@@ -41,7 +42,7 @@ def test_train_validate_and_save(policy, tmp_path):
     want, reference_model = reference_training(model_dir, batches)
 
     for step, (batch, expected) in enumerate(zip(batches, want)):
-        metrics = policy.train(batch)
+        metrics = policy.train(batch, NLLLoss())
         assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5), f"step {step + 1}"
         assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
         assert metrics["lr"] == pytest.approx(expected["lr"])
@@ -52,11 +53,11 @@ def test_train_validate_and_save(policy, tmp_path):
     # 7 rows: padded to 8 with a sample_mask-0 row, which carries no loss; micro-batch 3
     # does not divide the local batch of 4, so the last micro-batch is short
     val_batch = make_batch(10).slice(0, 7)
-    result = policy.validate(val_batch, micro_batch_size=3)
+    result = policy.validate(val_batch, NLLLoss(), micro_batch_size=3)
     reference_model.eval()
     with torch.no_grad():
         expected_val = reference_loss(reference_model, val_batch).item()
-    assert result["loss"] == pytest.approx(expected_val, rel=1e-5)
+    assert result["loss_sum"] / result["num_valid_tokens"] == pytest.approx(expected_val, rel=1e-5)
     want_tokens = (val_batch["token_mask"][:, 1:] * val_batch["sample_mask"][:, None]).sum()
     assert result["num_valid_tokens"] == want_tokens
 

@@ -8,11 +8,14 @@ import pytest
 import torch
 from tests.unit.models.policy.policy_test_utils import VOCAB, policy_config, tiny_llama
 
-from nemo_rl.algorithms.loss_functions import NLLLoss, count_valid_tokens, target_mask
+from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.data.batched_data_dict import BatchedDataDict
+from nemo_rl.data.targets import count_valid_tokens, target_mask
 from nemo_rl.models.policy.forward import forward_hidden_states, forward_logits
 from nemo_rl.models.policy.micro_batching import (
+    MicroBatchPlan,
     dynamic_batch_groups,
+    micro_batches as split_micro_batches,
     spread_to_count,
     token_budget_micro_batches,
 )
@@ -46,6 +49,10 @@ def _cfg(**overrides):
     return policy_config("unused", max_total_sequence_length=SEQ, **overrides)
 
 
+def _train_plan(**overrides) -> MicroBatchPlan:
+    return MicroBatchPlan.for_training(_cfg(**overrides))
+
+
 PACKING = dict(sequence_packing={"enabled": True, "train_mb_tokens": 48, "sequence_length_round": 8})
 PACKING_FFD = dict(
     sequence_packing={"enabled": True, "train_mb_tokens": 64, "algorithm": "first_fit_decreasing", "sequence_length_round": 1}
@@ -77,7 +84,7 @@ def test_spread_to_count_splits_the_fullest_groups_then_adds_fillers():
 @pytest.mark.parametrize("mode", [PACKING, PACKING_FFD, DYNAMIC], ids=["mffd", "ffd", "dynamic"])
 def test_every_target_token_lands_in_exactly_one_micro_batch(mode):
     batch = _mixed_batch()
-    micro_batches = token_budget_micro_batches(batch, _cfg(**mode), max_over_ranks=_same_count)
+    micro_batches = token_budget_micro_batches(batch, _train_plan(**mode), max_over_ranks=_same_count)
     assert sum(count_valid_tokens(mb) for mb in micro_batches) == count_valid_tokens(batch)
     # the (context token, target token) pairs are the same multiset
     def pairs(b):
@@ -94,11 +101,39 @@ def test_every_target_token_lands_in_exactly_one_micro_batch(mode):
 
 def test_more_micro_batches_than_samples_adds_fillers_that_carry_no_loss():
     batch = _mixed_batch()
-    micro_batches = token_budget_micro_batches(batch, _cfg(**PACKING), max_over_ranks=lambda n: 9)
+    micro_batches = token_budget_micro_batches(batch, _train_plan(**PACKING), max_over_ranks=lambda n: 9)
     assert len(micro_batches) == 9
     fillers = [mb for mb in micro_batches if count_valid_tokens(mb) == 0]
     assert len(fillers) == 3  # 6 samples with targets, one per micro-batch, then fillers
     assert all("position_ids" in mb for mb in micro_batches)
+
+
+# ---------------------------------------------------------------- one plan per call
+
+
+def test_training_plan_reads_the_policy_section():
+    assert _train_plan(train_micro_batch_size=2) == MicroBatchPlan(2, length_multiple=1)
+    assert _train_plan(**PACKING) == MicroBatchPlan(1, length_multiple=8, token_budget=48, packing_algorithm="modified_first_fit_decreasing")
+    assert _train_plan(**DYNAMIC) == MicroBatchPlan(1, length_multiple=8, token_budget=64)
+    # unset train_mb_tokens: max_total_sequence_length x train_micro_batch_size
+    unset = {"sequence_packing": {"enabled": True, "sequence_length_round": 8}}
+    assert _train_plan(train_micro_batch_size=2, **unset).token_budget == 2 * SEQ
+
+
+@pytest.mark.parametrize("mode", [{}, PACKING, DYNAMIC], ids=["padded", "packing", "dynamic"])
+def test_validation_honours_its_own_micro_batch_size(mode):
+    """sft.val_micro_batch_size decides validation's micro-batches under every batching mode,
+    whatever the training settings are."""
+    cfg, batch = _cfg(**mode), _mixed_batch()
+    train_mbs = split_micro_batches(batch, MicroBatchPlan.for_training(cfg), max_over_ranks=_same_count)
+    val_mbs = split_micro_batches(batch, MicroBatchPlan.for_validation(cfg, 4), max_over_ranks=_same_count)
+    assert len(val_mbs) < len(train_mbs)
+    if not mode:
+        assert [mb["input_ids"].shape[0] for mb in val_mbs] == [4, 4]
+    else:
+        assert all(mb["input_ids"].numel() <= 4 * SEQ for mb in val_mbs)
+        assert max(mb["input_ids"].numel() for mb in val_mbs) > 64  # more than training's budget
+    assert sum(count_valid_tokens(mb) for mb in val_mbs) == count_valid_tokens(batch)
 
 
 # ---------------------------------------------------------------- on a model
@@ -128,7 +163,7 @@ def test_packed_and_dynamic_micro_batches_give_the_plain_loss_and_gradients(mode
     batch = _mixed_batch(1)
     global_tokens = count_valid_tokens(batch)
     want_loss, want_grads = _loss_and_grads(model, batch.micro_batches(2), global_tokens, chunked=False)
-    micro_batches = token_budget_micro_batches(batch, _cfg(**mode), max_over_ranks=_same_count)
+    micro_batches = token_budget_micro_batches(batch, _train_plan(**mode), max_over_ranks=_same_count)
     if "sequence_packing" in mode:  # samples of very different lengths share a row
         assert max(int(mb["num_samples"].max()) for mb in micro_batches) >= 3
     got_loss, got_grads = _loss_and_grads(model, micro_batches, global_tokens, chunked=chunked)

@@ -10,6 +10,7 @@ import torch
 from tests.unit.models.policy.policy_test_utils import EXPECTED_LRS, make_batch, policy_config, run_ranks, save_tiny_llama
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.algorithms.sft import _stop_on_non_finite
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
@@ -28,10 +29,10 @@ def _poisoned_step(rank, model_dir, out_dir):
     worker = DTensorPolicyWorker(policy_config(model_dir, dtensor_cfg={"chunked_loss": False}), seed=1, device="cpu")
     probe = make_batch(9)
     local = [make_batch(seed).shard_by_batch_size(2)[rank] for seed in range(3)]
-    results = {"step1": worker.train(local[0], micro_batch_size=2), "logits1": worker.get_logits(probe)}
-    results["step2"] = worker.train(local[1], micro_batch_size=2, loss_fn=NaNOnRankOne())
+    results = {"step1": worker.train(local[0], NLLLoss(), MicroBatchPlan(2)), "logits1": worker.get_logits(probe)}
+    results["step2"] = worker.train(local[1], NaNOnRankOne(), MicroBatchPlan(2))
     results["logits2"] = worker.get_logits(probe)
-    results["step3"] = worker.train(local[2], micro_batch_size=2)
+    results["step3"] = worker.train(local[2], NLLLoss(), MicroBatchPlan(2))
     results["logits3"] = worker.get_logits(probe)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     worker.shutdown()

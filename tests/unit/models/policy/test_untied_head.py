@@ -13,6 +13,8 @@ import pytest
 import torch
 from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, run_ranks, save_tiny_llama
 
+from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
 
@@ -26,7 +28,7 @@ def _one_step(rank, model_dir, out_dir):
     worker = DTensorPolicyWorker(policy_config(model_dir), seed=1, device="cpu")
     assert worker.chunked_loss
     local = _batch_without_targets_on_rank_1().shard_by_batch_size(2)[rank]
-    result = {"step": worker.train(local, micro_batch_size=4), "logits": worker.get_logits(make_batch(5))}
+    result = {"step": worker.train(local, NLLLoss(), MicroBatchPlan(4)), "logits": worker.get_logits(make_batch(5))}
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "untied.pt"))
     worker.shutdown()

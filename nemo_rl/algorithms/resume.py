@@ -249,11 +249,9 @@ def save_driver_state(path: Path, train_dataloader) -> None:
 
 
 def load_driver_state(path: Path, train_dataloader) -> None:
-    """The inverse of `save_driver_state`; a checkpoint without `driver_rng.pt` keeps the generators."""
+    """The inverse of `save_driver_state`."""
     train_dataloader.load_state_dict(torch.load(path / DATALOADER_FILE, weights_only=False))
-    rng_file = path / DRIVER_RNG_FILE
-    if rng_file.is_file():
-        set_driver_rng_state(torch.load(rng_file, weights_only=False))
+    set_driver_rng_state(torch.load(path / DRIVER_RNG_FILE, weights_only=False))
 
 
 # ---------------------------------------------------------------- helpers

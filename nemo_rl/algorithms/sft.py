@@ -439,8 +439,8 @@ def _restore_driver_state(
         step=info["step"],
         epoch=info["epoch"],
         consumed_samples=info["consumed_samples"],
-        skipped_updates=info.get("skipped_updates", 0),
-        metrics=dict(info.get("metrics", {})),
+        skipped_updates=info["skipped_updates"],
+        metrics=dict(info["metrics"]),
     )
 
 

@@ -11,9 +11,10 @@ driver). The workers save their own half: model and optimizer shards, the schedu
 torch generator of each rank.
 
 The data fingerprint, saved in `training_info.json` under `data_fingerprint`, holds the config
-keys that decide which sample comes at which step (`DATA_ORDER_KEYS`) and a SHA-256 of the
-training rows. A resume whose fingerprint differs would silently skip or repeat samples, so it
-is refused with the list of what changed.
+keys that decide which sample comes at which step (`DATA_ORDER_KEYS`, and every field of the
+run's `TokenizationOptions` under its config key) and a SHA-256 of the training rows. A resume
+whose fingerprint differs would silently skip or repeat samples, so it is refused with the list
+of what changed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from nemo_rl.config.schema import MasterConfig
+from nemo_rl.data.processors import TokenizationOptions
 from nemo_rl.models.lora import read_adapter_config
 from nemo_rl.utils.checkpoint import CheckpointManager
 
@@ -43,22 +45,10 @@ DATALOADER_FILE = "train_dataloader.pt"
 DRIVER_RNG_FILE = "driver_rng.pt"
 FINGERPRINT_KEY = "data_fingerprint"
 
-# Config keys (dotted) whose change changes the sequence of global batches. A key naming a
-# section (data.train) stands for every field in it.
-DATA_ORDER_KEYS = (
-    "sft.seed",
-    "data.shuffle",
-    "policy.train_global_batch_size",
-    "data.max_input_seq_length",
-    "data.overlength",
-    "data.train",
-    # How rows become tokens: with data.overlength=drop they decide which samples remain.
-    "policy.tokenizer",
-    "data.add_bos",
-    "data.add_eos",
-    "data.add_generation_prompt",
-    "sft.only_unmask_final",
-)
+# Config keys (dotted) whose change changes the sequence of global batches, besides how rows
+# become tokens (TokenizationOptions, which with data.overlength=drop decides which samples
+# remain). A key naming a section (data.train) stands for every field in it.
+DATA_ORDER_KEYS = ("sft.seed", "data.shuffle", "policy.train_global_batch_size", "data.train")
 
 
 # Where the rows are read from: a moved copy of the same rows (same SHA-256) resumes fine.
@@ -157,21 +147,28 @@ def resume_hint_on_failure(checkpointer: CheckpointManager, resumed_from: Path |
 # ---------------------------------------------------------------- the same data order
 
 
-def data_fingerprint(cfg: MasterConfig, train_rows: Iterable[Mapping[str, Any]], num_samples: int) -> dict[str, Any]:
-    """What decides which sample each step sees: `DATA_ORDER_KEYS`, the rows' SHA-256, the counts."""
+def data_fingerprint(
+    cfg: MasterConfig,
+    tokenization: TokenizationOptions,
+    train_rows: Iterable[Mapping[str, Any]],
+    num_samples: int,
+) -> dict[str, Any]:
+    """What decides which sample each step sees: `DATA_ORDER_KEYS`, every field of `tokenization`
+    (named by its config key), the rows' SHA-256, the counts."""
     flat = _flatten(cfg.model_dump(mode="json"))
     config = {
         key: value
         for key, value in flat.items()
         if any(key == k or key.startswith(k + ".") for k in DATA_ORDER_KEYS)
     }
+    config.update(tokenization.by_config_key())
     digest, num_rows = hashlib.sha256(), 0
     for row in train_rows.to_list() if hasattr(train_rows, "to_list") else train_rows:
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
         digest.update(b"\n")
         num_rows += 1
     return {
-        "config": json.loads(json.dumps(config)),
+        "config": json.loads(json.dumps(config, default=str)),
         "train_rows": num_rows,
         "train_rows_sha256": digest.hexdigest(),
         "train_samples": num_samples,

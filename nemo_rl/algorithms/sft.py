@@ -34,7 +34,7 @@ from nemo_rl.config import MasterConfig, config_to_yaml
 from nemo_rl.config.schema import LoRAConfig
 from nemo_rl.data.collate import sft_collate
 from nemo_rl.data.datasets import load_datasets
-from nemo_rl.data.processors import SFTDataset
+from nemo_rl.data.processors import SFTDataset, TokenizationOptions
 from nemo_rl.data.sampler import EpochSampler
 from nemo_rl.data.tokenizer import get_tokenizer
 from nemo_rl.distributed import RayVirtualCluster, WorkerDiedError, init_ray, shutdown_ray
@@ -87,11 +87,14 @@ def setup(cfg: MasterConfig) -> SFTRun:
     """Data first (bad data fails before any worker starts), then Ray, then the policy."""
     started_at = time.time()
     tokenizer = get_tokenizer(cfg.policy.tokenizer, trust_remote_code=cfg.policy.trust_remote_code)
+    tokenization = TokenizationOptions.from_config(cfg)
     datasets = load_datasets(cfg.data)
-    train_dataset, train_dataloader, val_dataloader, overlength_counts = _dataloaders(cfg, tokenizer, datasets)
+    train_dataset, train_dataloader, val_dataloader, overlength_counts = _dataloaders(
+        cfg, tokenizer, tokenization, datasets
+    )
     preflight(cfg)
     checkpointer = CheckpointManager(cfg.checkpointing)
-    fingerprint = data_fingerprint(cfg, datasets.train, len(train_dataset))
+    fingerprint = data_fingerprint(cfg, tokenization, datasets.train, len(train_dataset))
     seed_driver_rngs(cfg.sft.seed)
     progress = SFTProgress()
     resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
@@ -253,26 +256,14 @@ def _summarize(run: SFTRun, total_steps: int, wall_time_s: float, stop_reason: s
 
 
 def _dataloaders(
-    cfg: MasterConfig, tokenizer, datasets
+    cfg: MasterConfig, tokenizer, tokenization: TokenizationOptions, datasets
 ) -> tuple[SFTDataset, StatefulDataLoader, StatefulDataLoader | None, dict[str, dict[str, int]]]:
     """Tokenized train (and validation) sets, their loaders, and what over-length handling did."""
-    make_dataset = partial(
-        SFTDataset,
-        tokenizer=tokenizer,
-        task_spec=datasets.task_spec,
-        max_seq_length=cfg.data.max_input_seq_length,
-        add_bos=cfg.data.add_bos,
-        add_eos=cfg.data.add_eos,
-        add_generation_prompt=cfg.data.add_generation_prompt,
-        only_unmask_final=cfg.sft.only_unmask_final,
-        overlength=cfg.data.overlength,
-        chat_template_kwargs=cfg.policy.tokenizer.chat_template_kwargs,
-    )
-    train_dataset = make_dataset(datasets.train, source="train")
+    train_dataset = SFTDataset(datasets.train, tokenizer, datasets.task_spec, tokenization, source="train")
     val_dataset = None
     if datasets.validation is not None:
         val_task_spec = datasets.validation_task_spec or datasets.task_spec
-        val_dataset = make_dataset(datasets.validation, source="validation", task_spec=val_task_spec)
+        val_dataset = SFTDataset(datasets.validation, tokenizer, val_task_spec, tokenization, source="validation")
     overlength_counts = {"train": train_dataset.overlength_counts}
     if val_dataset is not None:
         overlength_counts["validation"] = val_dataset.overlength_counts

@@ -14,7 +14,7 @@ The data fingerprint, saved in `training_info.json` under `data_fingerprint`, ho
 keys that decide which sample comes at which step (`DATA_ORDER_KEYS`, and every field of the
 run's `TokenizationOptions` under its config key) and a SHA-256 of the training rows. A resume
 whose fingerprint differs would silently skip or repeat samples, so it is refused with the list
-of what changed.
+of what changed; so is a resume from a checkpoint without a fingerprint, which cannot be checked.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import random
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,8 +35,6 @@ from nemo_rl.config.schema import MasterConfig
 from nemo_rl.data.processors import TokenizationOptions
 from nemo_rl.models.lora import read_adapter_config
 from nemo_rl.utils.checkpoint import CheckpointManager
-
-log = logging.getLogger(__name__)
 
 RESUME_AUTO = "auto"
 RESUME_NEVER = "never"
@@ -176,26 +173,31 @@ def data_fingerprint(
 
 
 def check_same_data_order(saved: Mapping[str, Any] | None, current: Mapping[str, Any], checkpoint: Path) -> None:
-    """Refuses (ResumeError) a resume whose data order differs from the run that wrote `checkpoint`."""
+    """Refuses (ResumeError) a resume whose data order differs from the run that wrote `checkpoint`,
+    or cannot be compared with it (no fingerprint)."""
     if saved is None:
-        log.warning("resume: %s has no data fingerprint (an older checkpoint); the data order is not checked", checkpoint)
-        return
+        raise ResumeError(
+            f"cannot resume from {checkpoint}: its training_info.json has no {FINGERPRINT_KEY}, so "
+            "whether this run would see the same samples in the same order cannot be checked (every "
+            "checkpoint this training loop writes has one). Start a new run in a new "
+            "checkpointing.checkpoint_dir" + _start_from_these_weights(checkpoint)
+        )
     changes = []
-    same_rows = saved.get("train_rows_sha256") == current["train_rows_sha256"]
-    old_config, new_config = saved.get("config", {}), current["config"]
+    same_rows = saved["train_rows_sha256"] == current["train_rows_sha256"]
+    old_config, new_config = saved["config"], current["config"]
     for key in sorted(set(old_config) | set(new_config)):
         old, new = old_config.get(key, "<unset>"), new_config.get(key, "<unset>")
         if old != new and not (same_rows and key in _WHERE_THE_ROWS_ARE):
             changes.append(f"{key}: {old!r} -> {new!r}")
     if not same_rows:
         changes.append(
-            f"the training rows' contents: {saved.get('train_rows')} rows (sha256 "
-            f"{str(saved.get('train_rows_sha256'))[:12]}) -> {current['train_rows']} rows "
+            f"the training rows' contents: {saved['train_rows']} rows (sha256 "
+            f"{saved['train_rows_sha256'][:12]}) -> {current['train_rows']} rows "
             f"(sha256 {current['train_rows_sha256'][:12]})"
         )
-    elif saved.get("train_samples") != current["train_samples"]:
+    elif saved["train_samples"] != current["train_samples"]:
         changes.append(
-            f"training samples left after length handling: {saved.get('train_samples')} -> {current['train_samples']}"
+            f"training samples left after length handling: {saved['train_samples']} -> {current['train_samples']}"
         )
     if changes:
         raise ResumeError(

@@ -212,8 +212,14 @@ def test_the_refusal_says_how_to_start_from_the_weights(cfg, tmp_path, files, hi
         check_same_data_order(saved, fingerprint(cfg, ROWS[:9], 9), checkpoint=ckpt)
 
 
-def test_a_checkpoint_without_fingerprint_is_accepted(cfg):
-    check_same_data_order(None, fingerprint(cfg), checkpoint=Path("step_1"))
+def test_a_checkpoint_without_fingerprint_is_refused(cfg, tmp_path):
+    checkpoint = tmp_path / "step_1"
+    with pytest.raises(ResumeError) as error:
+        check_same_data_order(None, fingerprint(cfg), checkpoint=checkpoint)
+    assert str(error.value).startswith(
+        f"cannot resume from {checkpoint}: its training_info.json has no data_fingerprint"
+    )
+    assert f"policy.model_name={checkpoint / 'hf'}" in str(error.value)
 
 
 # ---------------------------------------------------------------- every tokenization option

@@ -348,10 +348,6 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> DatumSpec:
         return self.samples[index]
 
-    @property
-    def lengths(self) -> list[int]:
-        return [datum["length"] for datum in self.samples]
-
 
 def _check_prompt_format(task_spec: TaskDataSpec) -> None:
     if task_spec.prompt is None:

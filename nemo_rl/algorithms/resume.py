@@ -11,9 +11,10 @@ driver). The workers save their own half: model and optimizer shards, the schedu
 torch generator of each rank.
 
 The data fingerprint, saved in `training_info.json` under `data_fingerprint`, holds the config
-keys that decide which sample comes at which step (`DATA_ORDER_KEYS`) and a SHA-256 of the
-training rows. A resume whose fingerprint differs would silently skip or repeat samples, so it
-is refused with the list of what changed.
+keys that decide which sample comes at which step (`DATA_ORDER_KEYS`, and every field of the
+run's `TokenizationOptions` under its config key) and a SHA-256 of the training rows. A resume
+whose fingerprint differs would silently skip or repeat samples, so it is refused with the list
+of what changed; so is a resume from a checkpoint without a fingerprint, which cannot be checked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import random
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 from nemo_rl.config.schema import MasterConfig
+from nemo_rl.data.processors import TokenizationOptions
 from nemo_rl.models.lora import read_adapter_config
 from nemo_rl.utils.checkpoint import CheckpointManager
-
-log = logging.getLogger(__name__)
 
 RESUME_AUTO = "auto"
 RESUME_NEVER = "never"
@@ -43,22 +42,10 @@ DATALOADER_FILE = "train_dataloader.pt"
 DRIVER_RNG_FILE = "driver_rng.pt"
 FINGERPRINT_KEY = "data_fingerprint"
 
-# Config keys (dotted) whose change changes the sequence of global batches. A key naming a
-# section (data.train) stands for every field in it.
-DATA_ORDER_KEYS = (
-    "sft.seed",
-    "data.shuffle",
-    "policy.train_global_batch_size",
-    "data.max_input_seq_length",
-    "data.overlength",
-    "data.train",
-    # How rows become tokens: with data.overlength=drop they decide which samples remain.
-    "policy.tokenizer",
-    "data.add_bos",
-    "data.add_eos",
-    "data.add_generation_prompt",
-    "sft.only_unmask_final",
-)
+# Config keys (dotted) whose change changes the sequence of global batches, besides how rows
+# become tokens (TokenizationOptions, which with data.overlength=drop decides which samples
+# remain). A key naming a section (data.train) stands for every field in it.
+DATA_ORDER_KEYS = ("sft.seed", "data.shuffle", "policy.train_global_batch_size", "data.train")
 
 
 # Where the rows are read from: a moved copy of the same rows (same SHA-256) resumes fine.
@@ -157,21 +144,28 @@ def resume_hint_on_failure(checkpointer: CheckpointManager, resumed_from: Path |
 # ---------------------------------------------------------------- the same data order
 
 
-def data_fingerprint(cfg: MasterConfig, train_rows: Iterable[Mapping[str, Any]], num_samples: int) -> dict[str, Any]:
-    """What decides which sample each step sees: `DATA_ORDER_KEYS`, the rows' SHA-256, the counts."""
+def data_fingerprint(
+    cfg: MasterConfig,
+    tokenization: TokenizationOptions,
+    train_rows: Iterable[Mapping[str, Any]],
+    num_samples: int,
+) -> dict[str, Any]:
+    """What decides which sample each step sees: `DATA_ORDER_KEYS`, every field of `tokenization`
+    (named by its config key), the rows' SHA-256, the counts."""
     flat = _flatten(cfg.model_dump(mode="json"))
     config = {
         key: value
         for key, value in flat.items()
         if any(key == k or key.startswith(k + ".") for k in DATA_ORDER_KEYS)
     }
+    config.update(tokenization.by_config_key())
     digest, num_rows = hashlib.sha256(), 0
     for row in train_rows.to_list() if hasattr(train_rows, "to_list") else train_rows:
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
         digest.update(b"\n")
         num_rows += 1
     return {
-        "config": json.loads(json.dumps(config)),
+        "config": json.loads(json.dumps(config, default=str)),
         "train_rows": num_rows,
         "train_rows_sha256": digest.hexdigest(),
         "train_samples": num_samples,
@@ -179,26 +173,31 @@ def data_fingerprint(cfg: MasterConfig, train_rows: Iterable[Mapping[str, Any]],
 
 
 def check_same_data_order(saved: Mapping[str, Any] | None, current: Mapping[str, Any], checkpoint: Path) -> None:
-    """Refuses (ResumeError) a resume whose data order differs from the run that wrote `checkpoint`."""
+    """Refuses (ResumeError) a resume whose data order differs from the run that wrote `checkpoint`,
+    or cannot be compared with it (no fingerprint)."""
     if saved is None:
-        log.warning("resume: %s has no data fingerprint (an older checkpoint); the data order is not checked", checkpoint)
-        return
+        raise ResumeError(
+            f"cannot resume from {checkpoint}: its training_info.json has no {FINGERPRINT_KEY}, so "
+            "whether this run would see the same samples in the same order cannot be checked (every "
+            "checkpoint this training loop writes has one). Start a new run in a new "
+            "checkpointing.checkpoint_dir" + _start_from_these_weights(checkpoint)
+        )
     changes = []
-    same_rows = saved.get("train_rows_sha256") == current["train_rows_sha256"]
-    old_config, new_config = saved.get("config", {}), current["config"]
+    same_rows = saved["train_rows_sha256"] == current["train_rows_sha256"]
+    old_config, new_config = saved["config"], current["config"]
     for key in sorted(set(old_config) | set(new_config)):
         old, new = old_config.get(key, "<unset>"), new_config.get(key, "<unset>")
         if old != new and not (same_rows and key in _WHERE_THE_ROWS_ARE):
             changes.append(f"{key}: {old!r} -> {new!r}")
     if not same_rows:
         changes.append(
-            f"the training rows' contents: {saved.get('train_rows')} rows (sha256 "
-            f"{str(saved.get('train_rows_sha256'))[:12]}) -> {current['train_rows']} rows "
+            f"the training rows' contents: {saved['train_rows']} rows (sha256 "
+            f"{saved['train_rows_sha256'][:12]}) -> {current['train_rows']} rows "
             f"(sha256 {current['train_rows_sha256'][:12]})"
         )
-    elif saved.get("train_samples") != current["train_samples"]:
+    elif saved["train_samples"] != current["train_samples"]:
         changes.append(
-            f"training samples left after length handling: {saved.get('train_samples')} -> {current['train_samples']}"
+            f"training samples left after length handling: {saved['train_samples']} -> {current['train_samples']}"
         )
     if changes:
         raise ResumeError(

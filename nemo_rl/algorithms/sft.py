@@ -9,13 +9,10 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
@@ -33,10 +30,9 @@ from nemo_rl.algorithms.resume import (
 )
 from nemo_rl.config import ConfigError, MasterConfig, config_to_yaml
 from nemo_rl.config.schema import LoRAConfig, batch_split_problem
-from nemo_rl.data.collate import sft_collate
+from nemo_rl.data.dataloaders import build_dataloaders
 from nemo_rl.data.datasets import load_datasets
-from nemo_rl.data.processors import SFTDataset
-from nemo_rl.data.sampler import EpochSampler
+from nemo_rl.data.processors import TokenizationOptions
 from nemo_rl.data.tokenizer import get_tokenizer
 from nemo_rl.distributed import RayVirtualCluster, WorkerDiedError, init_ray, resolve_device, shutdown_ray
 from nemo_rl.distributed.devices import Device
@@ -101,14 +97,15 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     print_run_header(cfg, config_path, device=device, resumes_from=resumed_from)
 
     tokenizer = get_tokenizer(cfg.policy.tokenizer, trust_remote_code=cfg.policy.trust_remote_code)
+    tokenization = TokenizationOptions.from_config(cfg)
     datasets = load_datasets(cfg.data)
-    train_dataset, train_dataloader, val_dataloader, overlength_counts = _dataloaders(cfg, tokenizer, datasets)
+    loaders = build_dataloaders(datasets, tokenizer, tokenization, cfg.data, cfg.sft, cfg.policy)
     preflight(cfg)
-    fingerprint = data_fingerprint(cfg, datasets.train, len(train_dataset))
+    fingerprint = data_fingerprint(cfg, tokenization, datasets.train, len(loaders.train.dataset))
     seed_driver_rngs(cfg.sft.seed)
     progress = SFTProgress()
     if resumed_from is not None:
-        progress = _restore_driver_state(checkpointer, resumed_from, train_dataloader, fingerprint)
+        progress = _restore_driver_state(checkpointer, resumed_from, loaders.train, fingerprint)
 
     logger = Logger(cfg.logger, run_config=cfg.model_dump(mode="json"))
     init_ray(temp_dir=str(logger.run_dir / "ray"))
@@ -116,8 +113,9 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
     _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
     return SFTRun(
-        cfg, tokenizer, train_dataloader, val_dataloader, device, cluster, policy, NLLLoss(), logger,
-        checkpointer, progress, resumed_from, overlength_counts, data_fingerprint=fingerprint, started_at=started_at,
+        cfg, tokenizer, loaders.train, loaders.validation, device, cluster, policy, NLLLoss(), logger,
+        checkpointer, progress, resumed_from, loaders.overlength_counts, data_fingerprint=fingerprint,
+        started_at=started_at,
     )
 
 
@@ -264,68 +262,6 @@ def _summarize(run: SFTRun, total_steps: int, wall_time_s: float, stop_reason: s
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _dataloaders(
-    cfg: MasterConfig, tokenizer, datasets
-) -> tuple[SFTDataset, StatefulDataLoader, StatefulDataLoader | None, dict[str, dict[str, int]]]:
-    """Tokenized train (and validation) sets, their loaders, and what over-length handling did."""
-    make_dataset = partial(
-        SFTDataset,
-        tokenizer=tokenizer,
-        task_spec=datasets.task_spec,
-        max_seq_length=cfg.data.max_input_seq_length,
-        add_bos=cfg.data.add_bos,
-        add_eos=cfg.data.add_eos,
-        add_generation_prompt=cfg.data.add_generation_prompt,
-        only_unmask_final=cfg.sft.only_unmask_final,
-        overlength=cfg.data.overlength,
-        chat_template_kwargs=cfg.policy.tokenizer.chat_template_kwargs,
-    )
-    train_dataset = make_dataset(datasets.train, source="train")
-    val_dataset = None
-    if datasets.validation is not None:
-        val_task_spec = datasets.validation_task_spec or datasets.task_spec
-        val_dataset = make_dataset(datasets.validation, source="validation", task_spec=val_task_spec)
-    overlength_counts = {"train": train_dataset.overlength_counts}
-    if val_dataset is not None:
-        overlength_counts["validation"] = val_dataset.overlength_counts
-
-    collate = partial(
-        sft_collate,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        make_sequence_length_divisible_by=cfg.policy.make_sequence_length_divisible_by,
-    )
-    train_dataloader = _train_dataloader(train_dataset, collate, cfg)
-    val_dataloader = None
-    if val_dataset is not None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            val_dataloader = StatefulDataLoader(
-                val_dataset, batch_size=cfg.sft.val_global_batch_size, shuffle=False, collate_fn=collate
-            )
-    if len(train_dataloader) == 0:
-        raise ValueError(
-            f"the training set has {len(train_dataset)} samples, fewer than one global batch "
-            f"(policy.train_global_batch_size={cfg.policy.train_global_batch_size})"
-        )
-    return train_dataset, train_dataloader, val_dataloader, overlength_counts
-
-
-def _train_dataloader(dataset: SFTDataset, collate, cfg: MasterConfig) -> StatefulDataLoader:
-    generator = torch.Generator()  # seeds the loader's worker processes
-    generator.manual_seed(cfg.sft.seed)
-    with warnings.catch_warnings():  # torchdata calls a torch API it deprecated itself
-        warnings.filterwarnings("ignore", message=".*set_vital.*")
-        return StatefulDataLoader(
-            dataset,
-            batch_size=cfg.policy.train_global_batch_size,
-            sampler=EpochSampler(len(dataset), seed=cfg.sft.seed, shuffle=cfg.data.shuffle),
-            generator=generator,
-            collate_fn=collate,
-            drop_last=True,  # every step sees a full global batch, so the update size is fixed
-            num_workers=cfg.data.num_workers,
-        )
 
 
 def _train_metrics(metrics: dict[str, Any], step_time: float, world_size: int, *, on_gpu: bool) -> dict[str, float]:

@@ -1,5 +1,10 @@
 """Chat rows -> token ids and a per-token loss mask (`sft_processor`), and the SFTDataset of them.
 
+How rows become tokens is one `TokenizationOptions`, built once from the config:
+
+    options = TokenizationOptions.from_config(cfg)   # each field names the config key it comes from
+    dataset = SFTDataset(rows, tokenizer, task_spec, options)
+
 How the mask is computed. The chat template renders the conversation up to each assistant turn a
 that carries loss (all of them, or only the last with `only_unmask_final`):
 
@@ -27,16 +32,60 @@ appended EOS carries loss when the conversation ends with a trained assistant tu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 
+from nemo_rl.config.schema import MasterConfig
 from nemo_rl.data.datasets.common import check_conversation
 from nemo_rl.data.interfaces import DataError, DatumSpec, TaskDataSpec
 
 Overlength = Literal["mask", "truncate", "drop"]
 OVERLENGTH_MODES = ("mask", "truncate", "drop")
+CONFIG_KEY = "config_key"  # the metadata entry of each TokenizationOptions field
+
+
+def _from_config(key: str) -> Any:
+    return field(metadata={CONFIG_KEY: key})
+
+
+@dataclass(frozen=True)
+class TokenizationOptions:
+    """Everything that decides how a chat row becomes token ids and a loss mask.
+
+    Each field names the (dotted) config key it is read from, so that `from_config` builds it and
+    the resume check (`nemo_rl.algorithms.resume.data_fingerprint`) compares it key by key: a field
+    added here is read from the config and guarded against a changed resume with no other edit.
+    `tokenizer` and `chat_template` are the config's choices, which `get_tokenizer` applies to the
+    tokenizer object; the processor reads the rest.
+    """
+
+    tokenizer: str = _from_config("policy.tokenizer.name")
+    chat_template: str | None = _from_config("policy.tokenizer.chat_template")
+    chat_template_kwargs: dict[str, Any] | None = _from_config("policy.tokenizer.chat_template_kwargs")
+    add_bos: bool = _from_config("data.add_bos")
+    add_eos: bool = _from_config("data.add_eos")
+    add_generation_prompt: bool = _from_config("data.add_generation_prompt")
+    only_unmask_final: bool = _from_config("sft.only_unmask_final")
+    max_seq_length: int = _from_config("data.max_input_seq_length")
+    overlength: Overlength = _from_config("data.overlength")
+
+    def __post_init__(self) -> None:
+        if self.overlength not in OVERLENGTH_MODES:
+            raise ValueError(f"data.overlength={self.overlength!r}; expected one of {list(OVERLENGTH_MODES)}")
+
+    @classmethod
+    def from_config(cls, cfg: MasterConfig) -> TokenizationOptions:
+        def read(key: str) -> Any:  # "data.add_bos" -> cfg.data.add_bos
+            return functools.reduce(getattr, key.split("."), cfg)
+
+        return cls(**{f.name: read(f.metadata[CONFIG_KEY]) for f in fields(cls)})
+
+    def by_config_key(self) -> dict[str, Any]:
+        """{config key: value} for every field, e.g. {"data.add_bos": True, ...}."""
+        return {f.metadata[CONFIG_KEY]: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -54,20 +103,17 @@ class TemplateError(DataError):
 def tokenize_conversation(
     messages: list[dict[str, Any]],
     tokenizer,
+    options: TokenizationOptions,
     *,
     tools: list[dict[str, Any]] | None = None,
-    add_bos: bool = True,
-    add_eos: bool = True,
-    add_generation_prompt: bool = False,
-    only_unmask_final: bool = False,
-    chat_template_kwargs: dict[str, Any] | None = None,
     where: str = "row",
 ) -> TokenizedConversation:
-    """Token ids of `messages` rendered by `tokenizer.chat_template`, and their loss mask."""
+    """Token ids of `messages` rendered by `tokenizer.chat_template`, and their loss mask (no length limit)."""
     n = len(messages)
+    add_generation_prompt = options.add_generation_prompt
     assistants = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    trained = assistants[-1:] if only_unmask_final else assistants
-    kwargs = dict(chat_template_kwargs or {})
+    trained = assistants[-1:] if options.only_unmask_final else assistants
+    kwargs = dict(options.chat_template_kwargs or {})
 
     # The renderings needed: messages[:a] (with the generation prompt when asked) and messages[:a + 1]
     # for each trained turn a, and the whole conversation.
@@ -107,10 +153,10 @@ def tokenize_conversation(
     else:
         input_ids, owners = _encode_pieces(tokenizer, full, turns)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if add_bos and bos is not None and (not input_ids or input_ids[0] != bos):
+    if options.add_bos and bos is not None and (not input_ids or input_ids[0] != bos):
         input_ids.insert(0, bos)
         owners.insert(0, None)
-    if add_eos and eos is not None and (not input_ids or input_ids[-1] != eos):
+    if options.add_eos and eos is not None and (not input_ids or input_ids[-1] != eos):
         input_ids.append(eos)
         owners.append(n - 1 if trained and trained[-1] == n - 1 else None)
     token_mask = [0 if owner is None else 1 for owner in owners]
@@ -208,42 +254,27 @@ def sft_processor(
     row: dict[str, Any],
     tokenizer,
     task_spec: TaskDataSpec,
+    options: TokenizationOptions,
     *,
     idx: int,
-    max_seq_length: int,
-    add_bos: bool = True,
-    add_eos: bool = True,
-    add_generation_prompt: bool = False,
-    only_unmask_final: bool = False,
-    overlength: Overlength = "truncate",
-    chat_template_kwargs: dict[str, Any] | None = None,
     where: str = "row",
 ) -> DatumSpec | None:
-    """One formatted row -> a DatumSpec, or None when `overlength` drops it."""
+    """One formatted row -> a DatumSpec, or None when `options.overlength` drops it."""
     if not isinstance(row, dict) or "messages" not in row:
         keys = list(row) if isinstance(row, dict) else type(row).__name__
         raise DataError(f"{where}: a formatted row needs a 'messages' list; keys there: {keys}")
     messages = row["messages"]
     check_conversation(messages, where=where)
     messages = apply_task_spec(messages, task_spec)
-    tokenized = tokenize_conversation(
-        messages,
-        tokenizer,
-        tools=row.get("tools"),
-        add_bos=add_bos,
-        add_eos=add_eos,
-        add_generation_prompt=add_generation_prompt,
-        only_unmask_final=only_unmask_final,
-        chat_template_kwargs=chat_template_kwargs,
-        where=where,
-    )
+    tokenized = tokenize_conversation(messages, tokenizer, options, tools=row.get("tools"), where=where)
     input_ids, token_mask = tokenized.input_ids, tokenized.token_mask
     loss_multiplier, outcome = 1.0, None
+    max_seq_length = options.max_seq_length
     if len(input_ids) > max_seq_length:
-        if overlength == "drop":
+        if options.overlength == "drop":
             return None
         input_ids, token_mask = input_ids[:max_seq_length], token_mask[:max_seq_length]
-        if overlength == "mask":
+        if options.overlength == "mask":
             loss_multiplier, outcome = 0.0, "masked"
         elif not any(token_mask):  # truncate cut away every assistant token
             return None
@@ -274,7 +305,7 @@ def check_processor_name(name: str, config_key: str) -> None:
 class SFTDataset(torch.utils.data.Dataset):
     """Tokenized samples of `rows`, all processed at construction so bad data fails before training.
 
-    `overlength_counts` says how many samples were longer than `max_seq_length` and what happened:
+    `overlength_counts` says how many samples were longer than `options.max_seq_length` and what happened:
     {"truncated": n, "masked": n, "dropped": n}. Dropped samples are left out, so indices run
     over the kept ones; each datum's `idx` is its row's index in `rows`.
     """
@@ -284,39 +315,18 @@ class SFTDataset(torch.utils.data.Dataset):
         rows,
         tokenizer,
         task_spec: TaskDataSpec,
+        options: TokenizationOptions,
         *,
-        max_seq_length: int,
-        add_bos: bool = True,
-        add_eos: bool = True,
-        add_generation_prompt: bool = False,
-        only_unmask_final: bool = False,
-        overlength: Overlength = "truncate",
-        chat_template_kwargs: dict[str, Any] | None = None,
         source: str = "train",
         processor: str = "sft_processor",
     ):
-        if overlength not in OVERLENGTH_MODES:
-            raise ValueError(f"data.overlength={overlength!r}; expected one of {list(OVERLENGTH_MODES)}")
         check_processor_name(processor, f"data.{source}.processor")
         _check_prompt_format(task_spec)
         process = PROCESSORS[processor]
         self.samples: list[DatumSpec] = []
         self.overlength_counts = {"truncated": 0, "masked": 0, "dropped": 0}
         for idx, row in enumerate(rows.to_list() if hasattr(rows, "to_list") else rows):
-            datum = process(
-                row,
-                tokenizer,
-                task_spec,
-                idx=idx,
-                max_seq_length=max_seq_length,
-                add_bos=add_bos,
-                add_eos=add_eos,
-                add_generation_prompt=add_generation_prompt,
-                only_unmask_final=only_unmask_final,
-                overlength=overlength,
-                chat_template_kwargs=chat_template_kwargs,
-                where=f"{source} row {idx}",
-            )
+            datum = process(row, tokenizer, task_spec, options, idx=idx, where=f"{source} row {idx}")
             if datum is None:
                 self.overlength_counts["dropped"] += 1
                 continue
@@ -328,7 +338,8 @@ class SFTDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise DataError(
                 f"{source}: all {self.overlength_counts['dropped']} samples were dropped as longer than "
-                f"max_seq_length={max_seq_length} (data.overlength={overlength!r}); raise the length limit"
+                f"max_seq_length={options.max_seq_length} (data.overlength={options.overlength!r}); "
+                "raise the length limit"
             )
 
     def __len__(self) -> int:
@@ -336,10 +347,6 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> DatumSpec:
         return self.samples[index]
-
-    @property
-    def lengths(self) -> list[int]:
-        return [datum["length"] for datum in self.samples]
 
 
 def _check_prompt_format(task_spec: TaskDataSpec) -> None:

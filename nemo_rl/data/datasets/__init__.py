@@ -7,6 +7,10 @@ dotted import path of a user class (`my_pkg.my_module.MyDataset`). It is constru
     formatted_ds = {"train": rows, "validation": rows or None}   # rows: {"messages": [...], "tools"?: [...]}
     task_spec = TaskDataSpec(task_name, prompt_file, system_prompt_file)
 
+A class reads and formats rows; `build_dataset` then applies `split_validation_size` (with
+`seed`), `prompt_file` and `system_prompt_file` the same way to every class, built-in or not,
+except those keys a (user) class accepts and so handles itself.
+
 `load_datasets(data_cfg)` builds the train dataset and, if `data.validation` is given, a second
 dataset for validation (its `split` split when it has one, else its `train` split); otherwise
 validation is the train dataset's `validation` split.
@@ -36,8 +40,9 @@ DATASET_REGISTRY: dict[str, type] = {
     "alpaca": AlpacaDataset,
 }
 
-# Fields that select or post-process a dataset rather than configure its class; the loader applies
-# the last four itself when a (user) class does not accept them.
+# Fields that select or post-process a dataset rather than configure its class. The loader applies
+# the first four of _APPLIED_BY_LOADER to the class's output unless the class accepts them; `split`
+# picks a separate validation dataset's rows (load_datasets).
 _LOADER_FIELDS = ("dataset_name", "processor", "kwargs")
 _APPLIED_BY_LOADER = ("split_validation_size", "seed", "prompt_file", "system_prompt_file", "split")
 
@@ -121,7 +126,8 @@ def resolve_dataset_class(name: str | None, config_path: str = "data.train") -> 
 
 
 def build_dataset(cfg: DatasetConfig, config_path: str = "data.train") -> Any:
-    """Constructs the dataset class of `cfg` and checks that it exposes formatted_ds and task_spec."""
+    """Constructs the dataset class of `cfg`, checks that it exposes formatted_ds and task_spec, and
+    applies the split and the prompt files it does not handle itself."""
     cls = resolve_dataset_class(cfg.dataset_name, config_path)
     accepted, takes_any = _accepted_parameters(cls)
     arguments: dict[str, Any] = {}
@@ -147,7 +153,7 @@ def build_dataset(cfg: DatasetConfig, config_path: str = "data.train") -> Any:
     dataset = cls(**arguments)
     _check_dataset_interface(dataset, cfg.dataset_name, config_path)
 
-    # What a user class does not handle itself, the loader does.
+    # What the class does not handle itself (every built-in class), the loader does.
     if cfg.split_validation_size and not (takes_any or "split_validation_size" in accepted):
         train, validation = split_train_validation(
             dataset.formatted_ds["train"], cfg.split_validation_size, cfg.seed

@@ -11,7 +11,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from nemo_rl.data.datasets.common import load_formatted, require_text
+from nemo_rl.data.datasets.common import read_formatted, require_text
+from nemo_rl.data.interfaces import TaskDataSpec
 
 
 def format_alpaca(
@@ -44,10 +45,6 @@ class AlpacaDataset:
         output_key: str = "output",
         instruction_key: str = "instruction",
         split: str | None = None,
-        split_validation_size: float | None = None,
-        seed: int = 42,
-        prompt_file: str | None = None,
-        system_prompt_file: str | None = None,
         config_path: str = "data.train",
     ):
         format_row = partial(
@@ -57,14 +54,6 @@ class AlpacaDataset:
             output_key=output_key,
             config_path=config_path,
         )
-        self.formatted_ds, self.task_spec = load_formatted(
-            "alpaca",
-            data_path,
-            format_row,
-            split=split,
-            split_validation_size=split_validation_size,
-            seed=seed,
-            prompt_file=prompt_file,
-            system_prompt_file=system_prompt_file,
-            config_path=config_path,
-        )
+        train = read_formatted(data_path, format_row, split=split, config_path=config_path)
+        self.formatted_ds = {"train": train, "validation": None}
+        self.task_spec = TaskDataSpec("alpaca")

@@ -1,5 +1,6 @@
-"""What every dataset family shares: field checks with located errors, conversation rules, splits,
-and `load_formatted`, the whole read-format-split sequence of a dataset read from one `data_path`.
+"""What every dataset family shares: field checks with located errors, conversation rules, the
+train/validation split (which `build_dataset` applies to every dataset class), and
+`read_formatted`, the read-and-format sequence of a dataset read from one `data_path`.
 
 A conversation is a list of messages `{"role", "content", ...}` following chat conventions:
 roles are system, user, assistant or tool; a system message may only come first; the first
@@ -15,7 +16,7 @@ from typing import Any
 
 from nemo_rl.data.datasets.local_files import load_rows
 from nemo_rl.data.datasets.preserving import PreservingDataset
-from nemo_rl.data.interfaces import DataError, TaskDataSpec
+from nemo_rl.data.interfaces import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -164,35 +165,18 @@ def select(rows, indices: list[int]):
     return [rows[i] for i in indices]
 
 
-def finish_splits(train, validation, *, split_validation_size: float | None, seed: int) -> dict[str, Any]:
-    """The `formatted_ds` dict; `split_validation_size` carves validation out of train, replacing any
-    validation split the source had."""
-    if split_validation_size:
-        train, validation = split_train_validation(train, split_validation_size, seed)
-    return {"train": train, "validation": validation}
-
-
-def load_formatted(
-    task_name: str,
+def read_formatted(
     data_path: str,
     format_row: Callable[..., dict[str, Any]],
     *,
     split: str | None,
-    split_validation_size: float | None,
-    seed: int,
-    prompt_file: str | None,
-    system_prompt_file: str | None,
     config_path: str,
     preserving: bool = False,
-) -> tuple[dict[str, Any], TaskDataSpec]:
-    """`(formatted_ds, task_spec)` of a dataset read from one `data_path`: each row of `split`, through
-    `format_row(row, where=...)`, becomes a train row (see `as_rows` for `preserving`);
-    `split_validation_size` carves validation out of train. A source with no rows is an error."""
+):
+    """The rows of `split` of `data_path`, each through `format_row(row, where=...)` (see `as_rows`
+    for `preserving`). A source with no rows is an error."""
     located = load_rows(data_path, split=split, config_path=config_path)
     rows = [format_row(row, where=where) for where, row in located]
     if not rows:
         raise DataError(f"{config_path}.data_path={data_path!r} holds no rows")
-    train = as_rows(rows, preserving=preserving, config_path=config_path)
-    formatted_ds = finish_splits(train, None, split_validation_size=split_validation_size, seed=seed)
-    task_spec = TaskDataSpec(task_name, prompt_file=prompt_file, system_prompt_file=system_prompt_file)
-    return formatted_ds, task_spec
+    return as_rows(rows, preserving=preserving, config_path=config_path)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from nemo_rl.data.datasets.common import check_conversation, load_formatted, require_key, require_text
-from nemo_rl.data.interfaces import DataError
+from nemo_rl.data.datasets.common import check_conversation, read_formatted, require_key, require_text
+from nemo_rl.data.interfaces import DataError, TaskDataSpec
 
 
 def format_openai(
@@ -57,10 +57,6 @@ class OpenAIFormatDataset:
         tool_key: str | None = "tools",
         use_preserving_dataset: bool = False,
         split: str | None = None,
-        split_validation_size: float | None = None,
-        seed: int = 42,
-        prompt_file: str | None = None,
-        system_prompt_file: str | None = None,
         config_path: str = "data.train",
     ):
         if not data_path:
@@ -75,15 +71,8 @@ class OpenAIFormatDataset:
             tool_key=tool_key,
             config_path=config_path,
         )
-        self.formatted_ds, self.task_spec = load_formatted(
-            "openai_format",
-            data_path,
-            format_row,
-            split=split,
-            split_validation_size=split_validation_size,
-            seed=seed,
-            prompt_file=prompt_file,
-            system_prompt_file=system_prompt_file,
-            config_path=config_path,
-            preserving=use_preserving_dataset,
+        train = read_formatted(
+            data_path, format_row, split=split, config_path=config_path, preserving=use_preserving_dataset
         )
+        self.formatted_ds = {"train": train, "validation": None}
+        self.task_spec = TaskDataSpec("openai_format")

@@ -9,7 +9,7 @@ class instead, so each row is exactly the JSON object read from the file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -23,8 +23,6 @@ class PreservingDataset(Sequence):
         return len(self._rows)
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return PreservingDataset(self._rows[index])
         return self._rows[index]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -33,17 +31,8 @@ class PreservingDataset(Sequence):
     def __repr__(self) -> str:
         return f"PreservingDataset(num_rows={len(self)})"
 
-    @property
-    def num_rows(self) -> int:
-        return len(self)
-
     def select(self, indices) -> PreservingDataset:
         return PreservingDataset([self._rows[i] for i in indices])
-
-    def map(self, function: Callable[..., dict[str, Any]], with_indices: bool = False) -> PreservingDataset:
-        if with_indices:
-            return PreservingDataset([function(row, i) for i, row in enumerate(self._rows)])
-        return PreservingDataset([function(row) for row in self._rows])
 
     def to_list(self) -> list[dict[str, Any]]:
         return list(self._rows)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from nemo_rl.data.datasets.common import check_conversation, load_formatted, require_text
-from nemo_rl.data.interfaces import DataError
+from nemo_rl.data.datasets.common import check_conversation, read_formatted, require_text
+from nemo_rl.data.interfaces import DataError, TaskDataSpec
 
 
 def format_response(
@@ -34,10 +34,6 @@ class ResponseDataset:
         input_key: str = "input",
         output_key: str = "output",
         split: str | None = None,
-        split_validation_size: float | None = None,
-        seed: int = 42,
-        prompt_file: str | None = None,
-        system_prompt_file: str | None = None,
         config_path: str = "data.train",
     ):
         if not data_path:
@@ -47,14 +43,6 @@ class ResponseDataset:
         format_row = partial(
             format_response, input_key=input_key, output_key=output_key, config_path=config_path
         )
-        self.formatted_ds, self.task_spec = load_formatted(
-            "ResponseDataset",
-            data_path,
-            format_row,
-            split=split,
-            split_validation_size=split_validation_size,
-            seed=seed,
-            prompt_file=prompt_file,
-            system_prompt_file=system_prompt_file,
-            config_path=config_path,
-        )
+        train = read_formatted(data_path, format_row, split=split, config_path=config_path)
+        self.formatted_ds = {"train": train, "validation": None}
+        self.task_spec = TaskDataSpec("ResponseDataset")

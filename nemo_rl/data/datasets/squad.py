@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_rl.data.datasets.common import check_conversation, finish_splits, require_key, require_text
+from nemo_rl.data.datasets.common import check_conversation, require_key, require_text
 from nemo_rl.data.datasets.local_files import load_hf_dataset
 from nemo_rl.data.interfaces import DataError, TaskDataSpec
 
@@ -35,10 +35,6 @@ class SquadDataset:
     def __init__(
         self,
         data_path: str = "rajpurkar/squad",
-        split_validation_size: float | None = None,
-        seed: int = 42,
-        prompt_file: str | None = None,
-        system_prompt_file: str | None = None,
         config_path: str = "data.train",
     ):
         import datasets
@@ -48,20 +44,14 @@ class SquadDataset:
             raise DataError(
                 f"{config_path}.data_path={data_path!r} has no 'train' split; splits there: {list(splits)}"
             )
-        formatted = {}
+        self.formatted_ds = {}
         for split in ("train", "validation"):
             if split not in splits:
-                formatted[split] = None
+                self.formatted_ds[split] = None
                 continue
             rows = [
                 format_squad(row, where=f"{data_path} split {split} row {i}")
                 for i, row in enumerate(splits[split].to_list())
             ]
-            formatted[split] = datasets.Dataset.from_list(rows)
-        self.formatted_ds = finish_splits(
-            formatted["train"],
-            formatted["validation"],
-            split_validation_size=split_validation_size,
-            seed=seed,
-        )
-        self.task_spec = TaskDataSpec("squad", prompt_file=prompt_file, system_prompt_file=system_prompt_file)
+            self.formatted_ds[split] = datasets.Dataset.from_list(rows)
+        self.task_spec = TaskDataSpec("squad")

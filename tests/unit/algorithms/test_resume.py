@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import fields
+from functools import reduce
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 import pytest
@@ -23,7 +26,8 @@ from nemo_rl.algorithms.resume import (
     set_driver_rng_state,
 )
 from nemo_rl.config import load_config
-from nemo_rl.config.schema import CheckpointingConfig
+from nemo_rl.config.schema import CheckpointingConfig, MasterConfig
+from nemo_rl.data.processors import CONFIG_KEY, TokenizationOptions
 from nemo_rl.utils.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[3]
@@ -43,6 +47,16 @@ ROWS = [{"id": str(i), "question": f"q{i}", "answer": f"a{i}"} for i in range(10
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(str(REPO / "configs" / "sft_tiny.yaml"))
+
+
+def fingerprint(cfg: MasterConfig, rows=ROWS, num_samples: int = 10) -> dict[str, Any]:
+    """The fingerprint of a run of `cfg`, as setup() computes it."""
+    return data_fingerprint(cfg, TokenizationOptions.from_config(cfg), rows, num_samples)
+
+
+def saved_fingerprint(cfg: MasterConfig, rows=ROWS, num_samples: int = 10) -> dict[str, Any]:
+    """The fingerprint of a run of `cfg` as a resume reads it back from training_info.json."""
+    return json.loads(json.dumps(fingerprint(cfg, rows, num_samples)))
 
 
 # ---------------------------------------------------------------- select_checkpoint
@@ -139,17 +153,17 @@ def test_with_checkpointing_disabled_another_runs_checkpoints_are_never_offered(
 
 
 def test_same_config_and_rows_pass(cfg):
-    saved = data_fingerprint(cfg, ROWS, 10)
-    check_same_data_order(json.loads(json.dumps(saved)), data_fingerprint(cfg, ROWS, 10), checkpoint=Path("step_1"))
+    saved = saved_fingerprint(cfg)
+    check_same_data_order(saved, fingerprint(cfg), checkpoint=Path("step_1"))
 
 
 def test_changed_order_keys_and_rows_are_all_named(cfg):
-    saved = data_fingerprint(cfg, ROWS, 10)
+    saved = saved_fingerprint(cfg, ROWS, 10)
     changed_cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"seed": 7})})
     rows = [dict(r) for r in ROWS]
     rows[3]["answer"] = "changed"
     with pytest.raises(ResumeError) as error:
-        check_same_data_order(saved, data_fingerprint(changed_cfg, rows, 10), checkpoint=Path("ckpt/step_3"))
+        check_same_data_order(saved, fingerprint(changed_cfg, rows, 10), checkpoint=Path("ckpt/step_3"))
     text = str(error.value)
     assert "ckpt/step_3" in text and "data order would differ" in text
     assert f"sft.seed: {cfg.sft.seed} -> 7" in text
@@ -157,26 +171,26 @@ def test_changed_order_keys_and_rows_are_all_named(cfg):
 
 
 def test_unrelated_config_changes_pass(cfg):
-    saved = data_fingerprint(cfg, ROWS, 10)
+    saved = saved_fingerprint(cfg, ROWS, 10)
     other = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"val_period": 3, "max_num_steps": 999})})
-    check_same_data_order(saved, data_fingerprint(other, ROWS, 10), checkpoint=Path("step_1"))
+    check_same_data_order(saved, fingerprint(other, ROWS, 10), checkpoint=Path("step_1"))
 
 
 def test_moved_copy_of_the_same_rows_passes_but_a_different_sample_count_does_not(cfg):
-    saved = data_fingerprint(cfg, ROWS, 10)
+    saved = saved_fingerprint(cfg, ROWS, 10)
     moved_train = cfg.data.train.model_copy(update={"data_path": "/elsewhere/squad"})
     moved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": moved_train})})
-    check_same_data_order(saved, data_fingerprint(moved, ROWS, 10), checkpoint=Path("step_1"))
+    check_same_data_order(saved, fingerprint(moved, ROWS, 10), checkpoint=Path("step_1"))
     with pytest.raises(ResumeError, match="training samples left after length handling: 10 -> 9"):
-        check_same_data_order(saved, data_fingerprint(cfg, ROWS, 9), checkpoint=Path("step_1"))
+        check_same_data_order(saved, fingerprint(cfg, ROWS, 9), checkpoint=Path("step_1"))
 
 
 def test_a_changed_chat_template_is_named(cfg):
-    saved = data_fingerprint(cfg, ROWS, 10)
+    saved = saved_fingerprint(cfg, ROWS, 10)
     tokenizer = cfg.policy.tokenizer.model_copy(update={"chat_template": None})
     changed = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"tokenizer": tokenizer})})
     with pytest.raises(ResumeError, match=r"policy.tokenizer.chat_template: 'default' -> None"):
-        check_same_data_order(saved, data_fingerprint(changed, ROWS, 10), checkpoint=Path("step_1"))
+        check_same_data_order(saved, fingerprint(changed, ROWS, 10), checkpoint=Path("step_1"))
 
 
 @pytest.mark.parametrize(
@@ -193,13 +207,62 @@ def test_the_refusal_says_how_to_start_from_the_weights(cfg, tmp_path, files, hi
     for name in files:
         (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
         (ckpt / name).write_text("{}")
-    saved = data_fingerprint(cfg, ROWS, 10)
+    saved = saved_fingerprint(cfg, ROWS, 10)
     with pytest.raises(ResumeError, match=re.escape(hint.format(ckpt=ckpt))):
-        check_same_data_order(saved, data_fingerprint(cfg, ROWS[:9], 9), checkpoint=ckpt)
+        check_same_data_order(saved, fingerprint(cfg, ROWS[:9], 9), checkpoint=ckpt)
 
 
-def test_a_checkpoint_without_fingerprint_is_accepted(cfg):
-    check_same_data_order(None, data_fingerprint(cfg, ROWS, 10), checkpoint=Path("step_1"))
+def test_a_checkpoint_without_fingerprint_is_refused(cfg, tmp_path):
+    checkpoint = tmp_path / "step_1"
+    with pytest.raises(ResumeError) as error:
+        check_same_data_order(None, fingerprint(cfg), checkpoint=checkpoint)
+    assert str(error.value).startswith(
+        f"cannot resume from {checkpoint}: its training_info.json has no data_fingerprint"
+    )
+    assert f"policy.model_name={checkpoint / 'hf'}" in str(error.value)
+
+
+# ---------------------------------------------------------------- every tokenization option
+
+
+def another_value(value: Any, hint: Any) -> Any:
+    """A valid value of type `hint` other than `value`."""
+    if get_origin(hint) is Literal:
+        return next(choice for choice in get_args(hint) if choice != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value - 1  # lengths may not exceed other limits
+    if isinstance(value, str):
+        return value + "-changed"
+    if value is None or isinstance(value, dict):
+        return {**(value or {}), "changed": True}
+    raise AssertionError(f"no other value for {value!r} ({hint}); teach another_value this type")
+
+
+def with_config_key(cfg: MasterConfig, key: str, value: Any) -> MasterConfig:
+    """`cfg` with the dotted `key` set to `value`, validated again."""
+    dump = cfg.model_dump()
+    *sections, leaf = key.split(".")
+    reduce(dict.__getitem__, sections, dump)[leaf] = value
+    return MasterConfig.model_validate(dump)
+
+
+@pytest.mark.parametrize("option", [f for f in fields(TokenizationOptions)], ids=lambda f: f.name)
+def test_every_tokenization_option_is_read_from_its_config_key_and_guards_the_resume(cfg, option):
+    key = option.metadata[CONFIG_KEY]
+    options = TokenizationOptions.from_config(cfg)
+    saved = saved_fingerprint(cfg)
+    assert saved["config"][key] == json.loads(json.dumps(getattr(options, option.name)))
+
+    new_value = another_value(getattr(options, option.name), get_type_hints(TokenizationOptions)[option.name])
+    changed_cfg = with_config_key(cfg, key, new_value)
+    changed = TokenizationOptions.from_config(changed_cfg)
+    assert getattr(changed, option.name) == new_value
+    assert [f.name for f in fields(changed) if getattr(changed, f.name) != getattr(options, f.name)] == [option.name]
+    with pytest.raises(ResumeError) as error:
+        check_same_data_order(saved, fingerprint(changed_cfg), checkpoint=Path("step_1"))
+    assert re.findall(r"^  - (.*?):", str(error.value), flags=re.MULTILINE) == [key]
 
 
 # ---------------------------------------------------------------- driver generators

@@ -48,7 +48,7 @@ def test_header_names_the_checkpoint_resume_selected(tmp_path, capsys):
     with pytest.raises(DataError):
         sft.setup(_config(tmp_path, checkpointing={"resume": str(chosen)}))
     header = capsys.readouterr().out
-    assert f"resumes from" in header and str(chosen) in header
+    assert "resumes from" in header and str(chosen) in header
     assert str(tmp_path / "ckpt" / "step_2") not in header
 
 

@@ -17,6 +17,7 @@ from nemo_rl.config.schema import TokenizerConfig
 from nemo_rl.data.interfaces import DataError, TaskDataSpec
 from nemo_rl.data.processors import SFTDataset, TemplateError, sft_processor
 from nemo_rl.data.tokenizer import get_tokenizer
+from tests.unit.data.data_test_utils import tokenization
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -61,9 +62,9 @@ TOOL_CHAT = [
 SPEC = TaskDataSpec("test")
 
 
-def process(tokenizer, messages, *, tools=None, max_seq_length=4096, spec=SPEC, **options):
+def process(tokenizer, messages, *, tools=None, spec=SPEC, **options):
     row = {"messages": messages} if tools is None else {"messages": messages, "tools": tools}
-    datum = sft_processor(row, tokenizer, spec, idx=0, max_seq_length=max_seq_length, **options)
+    datum = sft_processor(row, tokenizer, spec, tokenization(**options), idx=0)
     return datum["input_ids"].tolist(), datum["token_mask"].tolist()
 
 
@@ -367,7 +368,7 @@ def test_prompt_file_without_placeholder_is_reported(tokenizer, tmp_path):
     (tmp_path / "prompt.txt").write_text("Answer {question}")
     spec = TaskDataSpec("t", prompt_file=str(tmp_path / "prompt.txt"))
     with pytest.raises(DataError, match="prompt.txt"):
-        SFTDataset([{"messages": SINGLE}], tokenizer, spec, max_seq_length=100)
+        SFTDataset([{"messages": SINGLE}], tokenizer, spec, tokenization(max_seq_length=100))
 
 
 # ---------------------------------------------------------------- over-long samples
@@ -385,7 +386,7 @@ def rows_of_lengths(tokenizer):
 
 
 def build(tokenizer, rows, mode, max_seq_length):
-    return SFTDataset(rows, tokenizer, SPEC, max_seq_length=max_seq_length, overlength=mode)
+    return SFTDataset(rows, tokenizer, SPEC, tokenization(max_seq_length=max_seq_length, overlength=mode))
 
 
 def test_overlength_mask_keeps_truncated_samples_without_loss(tokenizer):
@@ -425,6 +426,11 @@ def test_overlength_drop(tokenizer):
     dataset = build(tokenizer, rows_of_lengths(tokenizer), "drop", 32)
     assert dataset.overlength_counts == {"truncated": 0, "masked": 0, "dropped": 2}
     assert [d["idx"] for d in dataset] == [0]
+
+
+def test_an_unknown_overlength_mode_is_refused():
+    with pytest.raises(ValueError, match=r"data.overlength='cut'; expected one of \['mask', 'truncate', 'drop'\]"):
+        tokenization(overlength="cut")
 
 
 def test_everything_dropped_is_an_error(tokenizer):
@@ -472,20 +478,20 @@ def test_everything_dropped_is_an_error(tokenizer):
 def test_bad_conversations_name_the_row_and_message(tokenizer, messages, match):
     rows = [{"messages": SINGLE}, {"messages": messages}]
     with pytest.raises(DataError, match=match) as error:
-        SFTDataset(rows, tokenizer, SPEC, max_seq_length=100, source="validation")
+        SFTDataset(rows, tokenizer, SPEC, tokenization(max_seq_length=100), source="validation")
     assert str(error.value).startswith("validation row 1: ")
 
 
 def test_no_rows_is_an_error(tokenizer):
     with pytest.raises(DataError, match="validation: no rows"):
-        SFTDataset([], tokenizer, SPEC, max_seq_length=100, source="validation")
+        SFTDataset([], tokenizer, SPEC, tokenization(max_seq_length=100), source="validation")
 
 
 def test_row_without_messages(tokenizer):
     with pytest.raises(
         DataError, match=r"train row 0: a formatted row needs a 'messages' list; keys there: \['text'\]"
     ):
-        SFTDataset([{"text": "hi"}], tokenizer, SPEC, max_seq_length=100)
+        SFTDataset([{"text": "hi"}], tokenizer, SPEC, tokenization(max_seq_length=100))
 
 
 def test_none_filled_message_keys_are_ignored(tokenizer):
@@ -513,7 +519,7 @@ def test_embedded_squad_through_a_dataloader(tokenizer):
         )
     )
     validation = SFTDataset(
-        data.validation, tokenizer, data.task_spec, max_seq_length=128, source="validation"
+        data.validation, tokenizer, data.task_spec, tokenization(max_seq_length=128), source="validation"
     )
     assert len(validation) == len(data.validation) and sum(validation.overlength_counts.values()) == 0
     collate = functools.partial(

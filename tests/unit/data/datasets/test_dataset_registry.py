@@ -115,18 +115,38 @@ def test_dotted_path_class_with_config_fields_and_kwargs(tmp_path, monkeypatch):
     assert datasets.task_spec.task_name == "shouting"
 
 
-def test_dotted_path_class_prompt_file_is_applied_by_the_loader(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("dataset_name", "task_name"),
+    [("custom_dataset.ShoutingDataset", "shouting"), ("ResponseDataset", "ResponseDataset")],
+)
+def test_prompt_files_are_applied_by_the_loader_to_every_class(tmp_path, monkeypatch, dataset_name, task_name):
     monkeypatch.syspath_prepend(str(FIXTURES))
     (tmp_path / "pairs.txt").write_text("q|a\n")
     (tmp_path / "prompt.txt").write_text("Q: {}")
+    (tmp_path / "system.txt").write_text("Be brief.")
     dataset = build_dataset(
         DatasetConfig(
-            dataset_name="custom_dataset.ShoutingDataset",
-            data_path=str(tmp_path / "pairs.txt"),
+            dataset_name=dataset_name,
+            data_path=str(tmp_path / "pairs.txt") if "custom" in dataset_name else RESPONSES,
             prompt_file=str(tmp_path / "prompt.txt"),
+            system_prompt_file=str(tmp_path / "system.txt"),
         )
     )
-    assert dataset.task_spec.task_name == "shouting" and dataset.task_spec.prompt == "Q: {}"
+    spec = dataset.task_spec
+    assert (spec.task_name, spec.prompt, spec.system_prompt) == (task_name, "Q: {}", "Be brief.")
+
+
+def test_a_class_that_splits_itself_is_not_split_again(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    path = tmp_path / "pairs.txt"
+    path.write_text("".join(f"question {i}|answer {i}\n" for i in range(10)))
+    dataset = build_dataset(
+        DatasetConfig(
+            dataset_name="custom_dataset.SelfSplittingDataset", data_path=str(path), split_validation_size=0.3
+        )
+    )
+    assert contents(dataset.formatted_ds["train"]) == [f"question {i}" for i in range(7)]
+    assert contents(dataset.formatted_ds["validation"]) == [f"question {i}" for i in range(7, 10)]
 
 
 def test_dotted_path_class_without_the_interface(monkeypatch):

@@ -11,6 +11,7 @@ from nemo_rl.data.datasets.openai_format import OpenAIFormatDataset
 from nemo_rl.data.datasets.preserving import PreservingDataset
 from nemo_rl.data.interfaces import DataError, TaskDataSpec
 from nemo_rl.data.processors import SFTDataset
+from tests.unit.data.data_test_utils import tokenization
 
 REPO = Path(__file__).resolve().parents[4]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -55,7 +56,7 @@ def test_none_filled_arguments_reach_the_tokens_preserved_ones_do_not(tokenizer)
         rows = OpenAIFormatDataset(
             data_path=PATH, use_preserving_dataset=use_preserving_dataset
         ).formatted_ds["train"]
-        datum = SFTDataset(rows, tokenizer, TaskDataSpec("t"), max_seq_length=1024)[0]
+        datum = SFTDataset(rows, tokenizer, TaskDataSpec("t"), tokenization(max_seq_length=1024))[0]
         return tokenizer.decode(datum["input_ids"][datum["token_mask"].bool()])
 
     assert '"arguments": {"query": "llamas"}' in learned_text(True)

@@ -14,8 +14,7 @@ def test_rows_are_kept_exactly():
     assert dataset[1]["args"] == {"expression": "2+2", "precision": 2}
 
 
-def test_select_slice_and_map():
+def test_select():
     dataset = PreservingDataset(ROWS)
-    assert dataset.select([1]).to_list() == [ROWS[1]]
-    assert isinstance(dataset[:1], PreservingDataset) and dataset[:1].to_list() == [ROWS[0]]
-    assert dataset.map(lambda row, i: {"i": i, **row}, with_indices=True)[1]["i"] == 1
+    selected = dataset.select([1])
+    assert isinstance(selected, PreservingDataset) and selected.to_list() == [ROWS[1]]

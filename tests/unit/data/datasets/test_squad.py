@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from nemo_rl.config.schema import DatasetConfig
+from nemo_rl.data.datasets import build_dataset
 from nemo_rl.data.datasets.squad import SquadDataset
 from nemo_rl.data.interfaces import DataError
 
@@ -33,8 +35,16 @@ def test_embedded_squad_tiny():
 
 
 def test_split_validation_size_replaces_the_validation_split():
-    dataset = SquadDataset(data_path=str(FIXTURES / "squad-mini"), split_validation_size=0.34, seed=1)
-    assert (len(dataset.formatted_ds["train"]), len(dataset.formatted_ds["validation"])) == (4, 2)
+    config = DatasetConfig(
+        dataset_name="squad", data_path=str(FIXTURES / "squad-mini"), split_validation_size=0.34, seed=1
+    )
+    dataset = build_dataset(config)
+    train, validation = dataset.formatted_ds["train"], dataset.formatted_ds["validation"]
+    assert (len(train), len(validation)) == (4, 2)
+    # The two come from the 6 train rows (not the source's validation split) and partition them.
+    source_train = SquadDataset(data_path=str(FIXTURES / "squad-mini")).formatted_ds["train"]
+    questions = sorted(row["messages"][1]["content"] for row in source_train)
+    assert sorted(row["messages"][1]["content"] for row in [*train, *validation]) == questions
 
 
 def test_row_without_answers_names_dataset_split_and_row(tmp_path):

@@ -42,6 +42,7 @@ from nemo_rl.models.lora import describe_parameters
 from nemo_rl.models.policy import Policy
 from nemo_rl.utils.checkpoint import CheckpointManager
 from nemo_rl.utils.flops import mfu
+from nemo_rl.utils.gpu_monitor import GpuMonitor, start_gpu_monitor
 from nemo_rl.utils.logger import Logger
 from nemo_rl.utils.preflight import preflight
 from nemo_rl.utils.progress import ProgressReporter
@@ -76,8 +77,11 @@ class SFTRun:
     data_fingerprint: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)  # checkpoint_must_save_by counts from here
     restarts: int = 0  # worker-group restarts after a worker died
+    gpu_monitor: GpuMonitor | None = None  # logger.monitor_gpus on a cluster with GPUs
 
     def shutdown(self) -> None:
+        if self.gpu_monitor is not None:
+            self.gpu_monitor.stop()
         self.policy.shutdown()
         self.cluster.shutdown()
         shutdown_ray()
@@ -103,9 +107,11 @@ def setup(cfg: MasterConfig) -> SFTRun:
     cluster, policy = _start_workers(cfg, resumed_from)
     lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
     _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
+    gpu_monitor = start_gpu_monitor(logger, cfg.logger.gpu_monitoring) if cfg.logger.monitor_gpus else None
     return SFTRun(
         cfg, tokenizer, train_dataloader, val_dataloader, cluster, policy, logger, checkpointer,
         progress, resumed_from, overlength_counts, data_fingerprint=fingerprint, started_at=started_at,
+        gpu_monitor=gpu_monitor,
     )
 
 

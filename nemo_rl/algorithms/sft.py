@@ -30,6 +30,7 @@ from nemo_rl.algorithms.resume import (
     seed_driver_rngs,
     select_checkpoint,
 )
+from nemo_rl.algorithms.val_samples import first_val_samples, print_val_samples
 from nemo_rl.config import MasterConfig, config_to_yaml
 from nemo_rl.config.schema import LoRAConfig
 from nemo_rl.data.collate import sft_collate
@@ -144,7 +145,7 @@ def sft_train(run: SFTRun) -> dict[str, Any]:
         resume_hint_on_failure(run.checkpointer, run.resumed_from),
     ):
         if cfg.sft.val_at_start and run.progress.step == 0 and run.val_dataloader is not None:
-            val_loss = _validate_and_log(run, step=0)["val_loss"]
+            val_loss = _validate_and_log(run, step=0, reporter=reporter)["val_loss"]
             reporter.update(0, {"validation/val_loss": val_loss})
 
         while stop_reason is None and run.progress.step < total_steps and run.progress.epoch < cfg.sft.max_num_epochs:
@@ -198,7 +199,7 @@ def _train_step(run: SFTRun, batch, reporter: ProgressReporter, total_steps: int
     is_last = progress.step >= total_steps
     val_due = cfg.sft.val_period and progress.step % cfg.sft.val_period == 0
     if run.val_dataloader is not None and (val_due or (is_last and cfg.sft.val_at_end)):
-        train_metrics["validation/val_loss"] = _validate_and_log(run, step=progress.step)["val_loss"]
+        train_metrics["validation/val_loss"] = _validate_and_log(run, step=progress.step, reporter=reporter)["val_loss"]
     reporter.update(progress.step, train_metrics)
 
 
@@ -345,7 +346,7 @@ def _train_metrics(metrics: dict[str, Any], step_time: float, world_size: int, *
     return out
 
 
-def _validate_and_log(run: SFTRun, *, step: int) -> dict[str, float]:
+def _validate_and_log(run: SFTRun, *, step: int, reporter: ProgressReporter) -> dict[str, float]:
     result = validate(
         run.policy,
         run.val_dataloader,
@@ -354,7 +355,31 @@ def _validate_and_log(run: SFTRun, *, step: int) -> dict[str, float]:
     )
     run.logger.log_metrics(result, step, prefix="validation")
     run.progress.metrics.update({f"val:{k}": v for k, v in result.items()})
+    _print_val_samples(run, step=step, reporter=reporter)
     return result
+
+
+def _print_val_samples(run: SFTRun, *, step: int, reporter: ProgressReporter) -> None:
+    """logger.num_val_samples_to_print: the first N validation samples with the model's greedy
+    continuation, above the progress line. N = 0 costs nothing."""
+    num_samples = run.cfg.logger.num_val_samples_to_print
+    if num_samples == 0 or run.val_dataloader is None:
+        return
+    samples = first_val_samples(
+        run.val_dataloader.dataset,
+        run.tokenizer,
+        num_samples,
+        add_bos=run.cfg.data.add_bos,
+        chat_template_kwargs=run.cfg.policy.tokenizer.chat_template_kwargs,
+    )
+    print_val_samples(
+        run.policy,
+        samples,
+        run.tokenizer,
+        step=step,
+        max_total_sequence_length=run.cfg.policy.max_total_sequence_length,
+        print_fn=reporter.print,
+    )
 
 
 def _stop_on_non_finite(metrics: dict[str, Any], step: int, *, skip: bool, reporter: ProgressReporter) -> None:

@@ -79,3 +79,15 @@ def test_token_budget_must_hold_the_longest_sample(section):
 def test_compile_is_off_and_the_chunked_loss_on_by_default():
     cfg = policy()
     assert cfg.dtensor_cfg.compile is False and cfg.dtensor_cfg.chunked_loss is True
+
+
+def test_gpu_monitoring_takes_nemo_rl_keys_with_positive_intervals():
+    from nemo_rl.config.schema import LoggerConfig
+
+    cfg = LoggerConfig.model_validate({"gpu_monitoring": {"collection_interval": 5, "flush_interval": 30}})
+    assert (cfg.gpu_monitoring.collection_interval, cfg.gpu_monitoring.flush_interval) == (5, 30)
+    assert LoggerConfig().gpu_monitoring.collection_interval == 10 == LoggerConfig().gpu_monitoring.flush_interval
+    with pytest.raises(ValidationError, match="flush_interval"):
+        LoggerConfig.model_validate({"gpu_monitoring": {"flush_interval": 0}})
+    with pytest.raises(ValidationError, match="gpu_monitoring.sample_every"):
+        LoggerConfig.model_validate({"gpu_monitoring": {"sample_every": 3}})

@@ -225,6 +225,8 @@ class RayGpuNodes:
     def sample(self) -> dict[int, list[GpuReading]]:
         """{node index: readings} of the nodes that answered within `timeout_s`; a node whose
         sampler failed is reported once and dropped."""
+        if not self.actors:
+            return {}
         refs = {index: actor.sample.remote() for index, actor in self.actors.items()}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
         ready = set(ready)

@@ -28,6 +28,7 @@ from nemo_rl.algorithms.resume import (
     seed_driver_rngs,
     select_checkpoint,
 )
+from nemo_rl.algorithms.val_samples import first_val_samples, print_val_samples
 from nemo_rl.config import ConfigError, MasterConfig, config_to_yaml
 from nemo_rl.config.schema import LoRAConfig, batch_split_problem
 from nemo_rl.data.dataloaders import build_dataloaders
@@ -41,6 +42,7 @@ from nemo_rl.models.policy import Policy
 from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.utils.checkpoint import CheckpointManager
 from nemo_rl.utils.flops import mfu
+from nemo_rl.utils.gpu_monitor import GpuMonitor, start_gpu_monitor
 from nemo_rl.utils.logger import Logger
 from nemo_rl.utils.preflight import preflight
 from nemo_rl.utils.progress import ProgressReporter, print_run_header
@@ -77,8 +79,11 @@ class SFTRun:
     data_fingerprint: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)  # checkpoint_must_save_by counts from here
     restarts: int = 0  # worker-group restarts after a worker died
+    gpu_monitor: GpuMonitor | None = None  # logger.monitor_gpus on a cluster with GPUs
 
     def shutdown(self) -> None:
+        if self.gpu_monitor is not None:
+            self.gpu_monitor.stop()
         self.policy.shutdown()
         self.cluster.shutdown()
         shutdown_ray()
@@ -112,10 +117,12 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     cluster, policy = _start_workers(cfg, device, resumed_from)
     lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
     _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
+    gpu_monitor = start_gpu_monitor(logger, cfg.logger.gpu_monitoring) if cfg.logger.monitor_gpus else None
     return SFTRun(
         cfg, tokenizer, loaders.train, loaders.validation, device, cluster, policy, NLLLoss(), logger,
         checkpointer, progress, resumed_from, loaders.overlength_counts, data_fingerprint=fingerprint,
         started_at=started_at,
+        gpu_monitor=gpu_monitor,
     )
 
 
@@ -150,7 +157,7 @@ def sft_train(run: SFTRun) -> dict[str, Any]:
         resume_hint_on_failure(run.checkpointer, run.resumed_from),
     ):
         if cfg.sft.val_at_start and run.progress.step == 0 and run.val_dataloader is not None:
-            val_loss = _validate_and_log(run, step=0)["val_loss"]
+            val_loss = _validate_and_log(run, step=0, reporter=reporter)["val_loss"]
             reporter.update(0, {"validation/val_loss": val_loss})
 
         while stop_reason is None and run.progress.step < total_steps and run.progress.epoch < cfg.sft.max_num_epochs:
@@ -204,7 +211,7 @@ def _train_step(run: SFTRun, batch, reporter: ProgressReporter, total_steps: int
     is_last = progress.step >= total_steps
     val_due = cfg.sft.val_period and progress.step % cfg.sft.val_period == 0
     if run.val_dataloader is not None and (val_due or (is_last and cfg.sft.val_at_end)):
-        train_metrics["validation/val_loss"] = _validate_and_log(run, step=progress.step)["val_loss"]
+        train_metrics["validation/val_loss"] = _validate_and_log(run, step=progress.step, reporter=reporter)["val_loss"]
     reporter.update(progress.step, train_metrics)
 
 
@@ -289,7 +296,7 @@ def _train_metrics(metrics: dict[str, Any], step_time: float, world_size: int, *
     return out
 
 
-def _validate_and_log(run: SFTRun, *, step: int) -> dict[str, float]:
+def _validate_and_log(run: SFTRun, *, step: int, reporter: ProgressReporter) -> dict[str, float]:
     result = validate(
         run.policy,
         run.val_dataloader,
@@ -299,7 +306,25 @@ def _validate_and_log(run: SFTRun, *, step: int) -> dict[str, float]:
     )
     run.logger.log_metrics(result, step, prefix="validation")
     run.progress.metrics.update({f"val:{k}": v for k, v in result.items()})
+    _print_val_samples(run, step=step, reporter=reporter)
     return result
+
+
+def _print_val_samples(run: SFTRun, *, step: int, reporter: ProgressReporter) -> None:
+    """logger.num_val_samples_to_print: the first N validation samples with the model's greedy
+    continuation, above the progress line. N = 0 costs nothing."""
+    num_samples = run.cfg.logger.num_val_samples_to_print
+    if num_samples == 0 or run.val_dataloader is None:
+        return
+    samples = first_val_samples(run.val_dataloader.dataset, run.tokenizer, num_samples)
+    print_val_samples(
+        run.policy,
+        samples,
+        run.tokenizer,
+        step=step,
+        max_total_sequence_length=run.cfg.policy.max_total_sequence_length,
+        print_fn=reporter.print,
+    )
 
 
 def _stop_on_non_finite(metrics: dict[str, Any], step: int, *, skip: bool, reporter: ProgressReporter) -> None:

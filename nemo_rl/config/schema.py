@@ -327,16 +327,26 @@ class MLflowConfig(Section):
     tracking_uri: str | None = None  # None: a local file store under logger.log_dir
 
 
+class GpuMonitoringConfig(Section):
+    """How often `logger.monitor_gpus` samples the GPUs, and how often it hands them to the logs."""
+
+    collection_interval: float = Field(10, gt=0, description="seconds between two samples of every GPU")
+    flush_interval: float = Field(10, gt=0, description="seconds between two writes of the samples to the logs")
+
+
 class LoggerConfig(Section):
     log_dir: str = "logs"
     wandb_enabled: bool = False
     tensorboard_enabled: bool = False
     mlflow_enabled: bool = False
+    # GPU utilisation and memory of every GPU node, sampled into the logs (system/node_<i>/gpu_<j>/...)
     monitor_gpus: bool = True
+    # at each validation, print the first N validation samples: prompt, target, greedy continuation
     num_val_samples_to_print: int = Field(0, ge=0)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     tensorboard: TensorboardConfig = Field(default_factory=TensorboardConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    gpu_monitoring: GpuMonitoringConfig = Field(default_factory=GpuMonitoringConfig)
 
 
 # ---------------------------------------------------------------- cluster

@@ -163,6 +163,26 @@ def tokenize_conversation(
     return TokenizedConversation(input_ids, token_mask, owners)
 
 
+def encode_generation_prompt(
+    messages: list[dict[str, Any]],
+    tokenizer,
+    options: TokenizationOptions,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of `messages` rendered with the generation prompt (what a model continues
+    to answer them), tokenized as `tokenize_conversation` tokenizes: no special tokens from the
+    tokenizer, then BOS (`options.add_bos`) unless the template rendered it."""
+    (text,) = _render(
+        tokenizer, messages, [len(messages)], tools, True, dict(options.chat_template_kwargs or {}), "prompt"
+    ).values()
+    input_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if options.add_bos and bos is not None and (not input_ids or input_ids[0] != bos):
+        input_ids.insert(0, bos)
+    return input_ids
+
+
 def _encode_with_offsets(tokenizer, text: str, turns: list[tuple[int, int, int]]):
     """Ids of `text`, and for each token the assistant turn it belongs to (None: prompt)."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -323,6 +343,9 @@ class SFTDataset(torch.utils.data.Dataset):
         check_processor_name(processor, f"data.{source}.processor")
         _check_prompt_format(task_spec)
         process = PROCESSORS[processor]
+        self._rows = rows  # for `conversation`: the messages behind a sample
+        self.task_spec = task_spec
+        self.options = options
         self.samples: list[DatumSpec] = []
         self.overlength_counts = {"truncated": 0, "masked": 0, "dropped": 0}
         for idx, row in enumerate(rows.to_list() if hasattr(rows, "to_list") else rows):
@@ -347,6 +370,12 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> DatumSpec:
         return self.samples[index]
+
+    def conversation(self, index: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """Sample `index`'s messages as the processor tokenized them (the task's prompt format
+        and system prompt applied), and its tools."""
+        row = self._rows[self.samples[index]["idx"]]
+        return apply_task_spec(row["messages"], self.task_spec), row.get("tools")
 
 
 def _check_prompt_format(task_spec: TaskDataSpec) -> None:

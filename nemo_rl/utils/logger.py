@@ -13,6 +13,9 @@ in NeMo RL), exposed as `Logger.run_dir`; nothing from an earlier run is overwri
     <run_dir>/loss_curve.png   train and validation loss vs step, written by finish()
 
 Backends are imported only when enabled. See docs/logging.md.
+
+`log_metrics` may be called from more than one thread (the GPU monitor writes from its own):
+a lock keeps every record whole and every backend's steps in order.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import json
 import logging
 import math
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +77,9 @@ class Logger:
         self._jsonl = self.metrics_path.open("a", encoding="utf-8")
         self._finished = False
         self._loss_curve: Path | None = None
+        self._lock = threading.Lock()
+        self._latest_step = 0
+        self._before_finish: list[Callable[[], None]] = []
 
         self._tb = None
         if cfg.tensorboard_enabled:
@@ -104,6 +111,26 @@ class Logger:
 
         An empty `metrics` writes nothing.
         """
+        with self._lock:
+            self._write(metrics, step, prefix)
+
+    def log_system_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Log background samples (the GPU monitor's) at the latest step logged so far.
+
+        Their own clock is not the training step; taking the latest step keeps every backend's
+        steps in order (W&B drops a step lower than one it has seen). After `finish` they are
+        dropped: the files are closed.
+        """
+        with self._lock:
+            if not self._finished:
+                self._write(metrics, self._latest_step, "")
+
+    def before_finish(self, callback: Callable[[], None]) -> None:
+        """Call `callback` at the start of `finish`, while the files are still open (a background
+        sampler writes its last samples there)."""
+        self._before_finish.append(callback)
+
+    def _write(self, metrics: Mapping[str, Any], step: int, prefix: str) -> None:
         if not metrics:
             return
         named: dict[str, float | int | None] = {}
@@ -114,6 +141,7 @@ class Logger:
         record = {"step": step, **named}
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
+        self._latest_step = max(self._latest_step, step)
 
         # backends get floats; None (non-finite in JSONL) goes to them as nan
         values = {k: float("nan") if v is None else float(v) for k, v in named.items()}
@@ -147,8 +175,12 @@ class Logger:
         """
         if self._finished:
             return self._loss_curve
-        self._finished = True
-        self._jsonl.close()
+        callbacks, self._before_finish = self._before_finish, []
+        for callback in callbacks:  # outside the lock: they may log
+            callback()
+        with self._lock:
+            self._finished = True
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb_run is not None:

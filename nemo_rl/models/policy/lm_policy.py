@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
@@ -82,6 +84,21 @@ class Policy:
             "loss_sum": sum(r["loss_sum"] for r in results),
             "num_valid_tokens": sum(r["num_valid_tokens"] for r in results),
         }
+
+    def generate_greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
+        """The greedy continuation of each prompt (token ids): its new token ids, up to and
+        including an end-of-sequence token. The prompts are split over the workers."""
+        if not prompts:
+            return []
+        batch = BatchedDataDict(
+            input_ids=torch.nn.utils.rnn.pad_sequence(
+                [torch.tensor(p, dtype=torch.int64) for p in prompts], batch_first=True
+            ),
+            input_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.int64),
+        )
+        shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
+        results = self.worker_group.run_sharded("generate_greedy", shards, max_new_tokens=max_new_tokens)
+        return [ids for rank_ids in results for ids in rank_ids][: len(prompts)]
 
     def save_checkpoint(
         self,

@@ -90,3 +90,15 @@ def test_tensor_parallel_only_keys_are_refused_not_ignored(dtensor_cfg, refused)
         policy(dtensor_cfg=dtensor_cfg)
     # their defaults, as NeMo RL's recipes spell them out, load
     policy(dtensor_cfg={"sequence_parallel": False, "custom_parallel_plan": None})
+
+
+def test_gpu_monitoring_takes_nemo_rl_keys_with_positive_intervals():
+    from nemo_rl.config.schema import LoggerConfig
+
+    cfg = LoggerConfig.model_validate({"gpu_monitoring": {"collection_interval": 5, "flush_interval": 30}})
+    assert (cfg.gpu_monitoring.collection_interval, cfg.gpu_monitoring.flush_interval) == (5, 30)
+    assert LoggerConfig().gpu_monitoring.collection_interval == 10 == LoggerConfig().gpu_monitoring.flush_interval
+    with pytest.raises(ValidationError, match="flush_interval"):
+        LoggerConfig.model_validate({"gpu_monitoring": {"flush_interval": 0}})
+    with pytest.raises(ValidationError, match="gpu_monitoring.sample_every"):
+        LoggerConfig.model_validate({"gpu_monitoring": {"sample_every": 3}})

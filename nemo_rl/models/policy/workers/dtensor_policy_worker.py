@@ -190,6 +190,37 @@ class DTensorPolicyWorker:
         self.model.eval()
         return forward_logits(self.model, batch.to(self.device)).float().cpu()
 
+    @torch.no_grad()
+    def generate_greedy(self, batch: BatchedDataDict, *, max_new_tokens: int) -> list[list[int]]:
+        """The greedy continuation of each of this rank's prompts (right-padded `input_ids`,
+        `input_lengths`): its new token ids, up to and including an end-of-sequence token.
+
+        Every forward all-gathers the FSDP shards, so all ranks must run the same number of
+        them: each rank gets as many prompts (a padding row, length 0, still steps along), and
+        `synced_gpus` keeps a rank that has finished stepping until every rank has.
+        """
+        self.model.eval()
+        generation_config = self.model.generation_config
+        eos_ids = _token_ids(generation_config.eos_token_id)
+        pad_id = generation_config.pad_token_id
+        pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
+        continuations = []
+        for row in range(batch.size):
+            length = max(int(batch["input_lengths"][row]), 1)
+            prompt_1T = batch["input_ids"][row : row + 1, :length].to(self.device)
+            out_1T = self.model.generate(
+                input_ids=prompt_1T,
+                attention_mask=torch.ones_like(prompt_1T),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                synced_gpus=self.world_size > 1,
+                pad_token_id=pad_id,
+            )
+            new_ids = out_1T[0, length:].tolist()
+            end = next((i + 1 for i, token in enumerate(new_ids) if token in eos_ids), len(new_ids))
+            continuations.append(new_ids[:end])
+        return continuations
+
     def _micro_batches(self, batch: BatchedDataDict, plan: MicroBatchPlan) -> list[BatchedDataDict]:
         return micro_batches(batch, plan, max_over_ranks=self._max_over_ranks)
 
@@ -315,6 +346,13 @@ class DTensorPolicyWorker:
 
 def _attention_kwargs(attn_implementation: str | None) -> dict[str, str]:
     return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def _token_ids(value: int | list[int] | None) -> list[int]:
+    """A generation config's token id field (one id, a list, or None) as a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _full_tensor(value: Any) -> Any:

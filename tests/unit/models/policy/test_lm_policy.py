@@ -70,3 +70,19 @@ def test_train_validate_and_save(policy, tmp_path):
     for key, value in saved.state_dict().items():
         torch.testing.assert_close(value, reference_model.state_dict()[key], rtol=1e-5, atol=1e-5)
     assert (tmp_path / "weights" / ".metadata").exists() and (tmp_path / "optim" / "scheduler.pt").exists()
+
+
+def test_generate_greedy_splits_the_prompts_over_the_workers(policy, tmp_path):
+    policy, _ = policy
+    prompts = [[5, 9, 17, 3], [40, 8, 3, 99, 7, 61], [11]]  # 3 prompts, 2 workers: one padding row
+    got = policy.generate_greedy(prompts, max_new_tokens=6)
+
+    policy.save_checkpoint(weights_path=None, hf_path=str(tmp_path / "hf"))  # the weights as they are now
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    want = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6)
+        want.append(out[0, len(prompt) :].tolist())
+    assert got == want
+    assert policy.generate_greedy([], max_new_tokens=6) == []

@@ -93,10 +93,7 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     """The run's header (device and checkpoint resolved), then data (bad data fails before any
     worker starts), then Ray, then the policy."""
     started_at = time.time()
-    device = resolve_device(cfg.cluster.device)
-    problem = batch_split_problem(cfg.policy, cfg.cluster.world_size(device))
-    if problem:
-        raise ConfigError(f"{problem} (cluster.device={cfg.cluster.device} resolved to {device})")
+    device = _resolve_device(cfg)
     checkpointer = CheckpointManager(cfg.checkpointing)
     resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
     print_run_header(cfg, config_path, device=device, resumes_from=resumed_from)
@@ -119,8 +116,20 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
     gpu_monitor = start_gpu_monitor(logger, cfg.logger.gpu_monitoring) if cfg.logger.monitor_gpus else None
     return SFTRun(
-        cfg, tokenizer, loaders.train, loaders.validation, device, cluster, policy, NLLLoss(), logger,
-        checkpointer, progress, resumed_from, loaders.overlength_counts, data_fingerprint=fingerprint,
+        cfg=cfg,
+        tokenizer=tokenizer,
+        train_dataloader=loaders.train,
+        val_dataloader=loaders.validation,
+        device=device,
+        cluster=cluster,
+        policy=policy,
+        loss_fn=NLLLoss(),
+        logger=logger,
+        checkpointer=checkpointer,
+        progress=progress,
+        resumed_from=resumed_from,
+        overlength_counts=loaders.overlength_counts,
+        data_fingerprint=fingerprint,
         started_at=started_at,
         gpu_monitor=gpu_monitor,
     )
@@ -410,6 +419,15 @@ def _rewind_to_start(run: SFTRun) -> SFTProgress:
     run.train_dataloader.load_state_dict({})
     seed_driver_rngs(run.cfg.sft.seed)
     return SFTProgress()
+
+
+def _resolve_device(cfg: MasterConfig) -> Device:
+    """`cluster.device` on this node, and the batch-split check that `device: auto` defers to it."""
+    device = resolve_device(cfg.cluster.device)
+    problem = batch_split_problem(cfg.policy, cfg.cluster.world_size(device))
+    if problem:
+        raise ConfigError(f"{problem} (cluster.device={cfg.cluster.device} resolved to {device})")
+    return device
 
 
 def _start_workers(cfg: MasterConfig, device: Device, checkpoint: Path | None) -> tuple[RayVirtualCluster, Policy]:

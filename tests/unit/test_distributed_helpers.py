@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
-
 from tests.unit.distributed_helpers import RankFailed, run_in_fresh_process, run_ranks
 
 

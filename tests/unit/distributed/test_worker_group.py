@@ -17,8 +17,6 @@ from nemo_rl.distributed import (
     RayWorkerGroup,
     WorkerDiedError,
     WorkerError,
-    init_ray,
-    shutdown_ray,
 )
 from nemo_rl.distributed.worker_group import _root_cause
 
@@ -72,24 +70,8 @@ class GlooWorker:
         return self.all_reduce(1.0)[0]  # blocks: the bad rank never joins
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local(tmp_path_factory):
-    # RAY_ADDRESS=local: a private cluster even if this machine runs a `ray start` one.
-    saved = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    started_here = not ray.is_initialized()  # leave a cluster someone else started alone
-    init_ray(str(tmp_path_factory.mktemp("ray")), num_cpus=2)
-    yield
-    if started_here:
-        shutdown_ray()
-    if saved is None:
-        del os.environ["RAY_ADDRESS"]
-    else:
-        os.environ["RAY_ADDRESS"] = saved
-
-
 @pytest.fixture
-def cluster():
+def cluster(local_ray):
     c = RayVirtualCluster(1, 2, use_gpus=False, placement_timeout_s=20)
     yield c
     c.shutdown()

@@ -90,6 +90,7 @@ def _local_cluster_facts(temp_dir: str, home: str) -> dict:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a Ray start of its own; the fast tier starts Ray once through init_ray (`local_ray`)
 def test_local_cluster_is_private_quiet_and_init_is_idempotent(short_tmp, tmp_path):
     # In a fresh process: whatever Ray another test of this session left running, init_ray
     # starts its own here, so the test always runs and checks a cluster it started.

@@ -77,6 +77,7 @@ def cluster(local_ray):
     c.shutdown()
 
 
+@pytest.mark.slow  # new worker processes (seconds each); the gloo test below keeps a group in the fast tier
 def test_env_sharding_and_results_in_rank_order(cluster):
     group = RayWorkerGroup(
         cluster, EnvWorker, init_kwargs={"tag": "t"}, env_vars={"EXTRA_VAR": "1"}
@@ -134,6 +135,7 @@ def test_gloo_all_reduce_then_a_raising_rank_is_reported_without_hanging(cluster
         group.shutdown()
 
 
+@pytest.mark.slow  # new worker processes; see the gloo test
 def test_raise_in_init_is_reported_at_once_and_frees_the_slots(cluster):
     with pytest.raises(WorkerError) as info:
         RayWorkerGroup(cluster, InitFailsWorker)  # rank 0 never leaves __init__
@@ -152,6 +154,7 @@ def test_raise_in_init_is_reported_at_once_and_frees_the_slots(cluster):
     assert ray.available_resources().get(free_key, 0) == 2
 
 
+@pytest.mark.slow  # new worker processes; see the gloo test
 def test_dead_worker_is_reported_with_its_rank(cluster):
     group = RayWorkerGroup(cluster, EnvWorker, init_kwargs={"tag": "t"})
     try:

@@ -25,6 +25,10 @@ from transformers import AutoModelForCausalLM
 
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
+# Slow: three-step LoRA runs of four workers in 1 and 2 processes; the fast tier keeps LoRA on a
+# model in one process (test_lora.py).
+pytestmark = pytest.mark.slow
+
 NUM_STEPS = 3
 DIM, ALPHA = 4, 8
 LORA = {"enabled": True, "exclude_modules": ["*.layers.1.mlp.*"], "dim": DIM, "alpha": ALPHA, "dropout": 0.0}

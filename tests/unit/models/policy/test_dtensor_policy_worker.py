@@ -34,6 +34,10 @@ from transformers import AutoModelForCausalLM
 
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
+# Slow: four workers' training runs in 1 and 2 processes; test_untied_head.py keeps a 2-rank
+# FSDP2 step in the fast tier (`pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
+
 NUM_STEPS = 3
 
 

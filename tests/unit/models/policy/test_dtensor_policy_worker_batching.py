@@ -35,6 +35,10 @@ from nemo_rl.models.policy.workers import dtensor_policy_worker
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.utils.flops import training_flops
 
+# Slow: three-step runs of four workers in 1 and 2 processes (one compiled); the fast tier keeps
+# packing and dynamic batching on a model in one process (test_micro_batching.py).
+pytestmark = pytest.mark.slow
+
 PACKING = {"enabled": True, "train_mb_tokens": SEQ_LEN, "sequence_length_round": 4}
 DYNAMIC = {"enabled": True, "train_mb_tokens": 2 * SEQ_LEN, "sequence_length_round": 8}
 

@@ -39,12 +39,13 @@ def _poisoned_step(rank, model_dir):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory):  # used by slow tests only: three steps of a 2-rank group
     root = tmp_path_factory.mktemp("non_finite")
     model_dir = save_tiny_llama(str(root / "tiny_llama"))
     return run_ranks(2, _poisoned_step, model_dir)
 
 
+@pytest.mark.slow
 def test_every_rank_skips_the_update_and_the_weights_stay(ranks):
     for result in ranks:
         assert result["step2"]["update_skipped"] is True
@@ -53,6 +54,7 @@ def test_every_rank_skips_the_update_and_the_weights_stay(ranks):
         assert result["step1"]["update_skipped"] is False and result["step3"]["update_skipped"] is False
 
 
+@pytest.mark.slow
 def test_the_schedule_advances_and_training_goes_on(ranks):
     for result in ranks:
         assert [result[f"step{i}"]["lr"] for i in (1, 2, 3)] == pytest.approx(EXPECTED_LRS)

@@ -57,13 +57,10 @@ def test_a_killed_worker_ends_the_run_naming_rank_node_and_the_resume_checkpoint
         while not (tmp_path / "ckpt" / "step_2").exists():  # step 2's save is complete
             assert run.proc.poll() is None, run.output[-4000:]
             time.sleep(0.05)
-        killed_at = time.monotonic()
         os.kill(run.worker_pids()[1], signal.SIGKILL)
-        rc = run.finish(timeout=120)
-        noticed_in = time.monotonic() - killed_at
+        rc = run.finish(timeout=120)  # a driver that missed the death would still be waiting
     output = run.output
     assert rc != 0
-    assert noticed_in < 60, f"the driver took {noticed_in:.0f} s to notice"
     assert "rank 1 of 2" in output and "node " in output, output[-4000:]
     saved = max(checkpoint_steps(tmp_path / "ckpt"))
     assert f"A resume will use {tmp_path / 'ckpt' / f'step_{saved}'}" in output
@@ -121,8 +118,9 @@ def test_sigterm_saves_after_the_current_step_and_a_resume_finishes_the_run(tmp_
     assert_continues_the_reference(tmp_path, reference_run)
 
 
-@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv, as the README's commands do")
 def test_ctrl_c_under_uv_run_saves_and_exits_cleanly(tmp_path, reference_run):
+    # uv is how the README runs everything, the tests included: not an optional tool.
+    assert shutil.which("uv"), "this test runs the driver under `uv run`; uv is not on PATH (https://docs.astral.sh/uv/)"
     # A terminal's Ctrl-C signals the whole foreground process group, and `uv run` forwards it
     # to the driver as well: one keypress, delivered twice, must not abort the save.
     overrides = run_args(tmp_path, reference_run.data_dir, "checkpointing.save_period=100")

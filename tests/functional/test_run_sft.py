@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -96,20 +95,17 @@ def test_a_worker_failing_mid_step_ends_the_run_with_its_rank_and_message(tmp_pa
     LlamaForCausalLM(config).save_pretrained(small_vocab)
     shutil.copytree(TINY_MODEL, tmp_path / "tok", ignore=shutil.ignore_patterns("model*", "config.json"))
 
-    started = time.monotonic()
     result = run_sft(
         f"policy.model_name={small_vocab}",
         f"policy.tokenizer.name={tmp_path / 'tok'}",
         "sft.val_at_start=false",
         f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
         f"logger.log_dir={tmp_path / 'logs'}",
-        timeout=240,
+        timeout=240,  # a run that hung on the failure would raise TimeoutExpired
     )
-    elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "rank" in result.stderr and "index out of range" in result.stderr, result.stderr[-4000:]
     assert "Traceback" in result.stderr  # the worker's own traceback, for debugging
-    assert elapsed < 180
     assert not list((tmp_path / "ckpt").glob("step_*"))
 
 

@@ -361,6 +361,7 @@ def relative_files(directory: Path) -> set[Path]:
     return {path.relative_to(directory) for path in directory.rglob("*") if path.is_file()}
 
 
+@pytest.mark.slow  # trains the tokenizer and writes every asset again in a new process
 def test_script_regenerates_the_committed_files_byte_for_byte(tmp_path):
     subprocess.run(
         [sys.executable, str(ASSETS / "make_assets.py"), "--out", str(tmp_path)],

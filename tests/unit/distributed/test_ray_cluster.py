@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from tests.unit.distributed_helpers import run_in_fresh_process
 
 from nemo_rl.distributed import init_ray, shutdown_ray
 from nemo_rl.distributed.ray_cluster import (
@@ -18,15 +19,6 @@ from nemo_rl.distributed.ray_cluster import (
 )
 
 REPO_ROOT = str(Path(__file__).resolve().parents[3])
-
-
-@pytest.fixture
-def restore_environ():
-    """init_ray sets RAY_AUTH_MODE etc. in os.environ on purpose; undo it after the test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture
@@ -65,26 +57,15 @@ def test_workers_get_the_repo_root_but_not_the_interpreters_own_dirs():
     assert not any("site-packages" in e for e in entries)
 
 
-@pytest.mark.ray
-def test_local_cluster_is_private_quiet_and_init_is_idempotent(
-    short_tmp, tmp_path, monkeypatch, restore_environ
-):
-    monkeypatch.setenv("RAY_ADDRESS", "local")
-    monkeypatch.setenv("HOME", str(tmp_path))  # where Ray would write ~/.ray/auth_token
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    if ray.is_initialized():
-        pytest.skip("needs a fresh Ray; another test left one running in this process")
+def _local_cluster_facts(temp_dir: str, home: str) -> dict:
+    """init_ray twice in this (fresh) process, then what the cluster and its workers look like."""
+    os.environ["RAY_ADDRESS"] = "local"
+    os.environ["HOME"] = home  # where Ray would write ~/.ray/auth_token
+    os.environ.pop("RAY_AUTH_MODE", None)
     try:
-        init_ray(short_tmp, num_cpus=1)
+        init_ray(temp_dir, num_cpus=1)
         node_id = ray.get_runtime_context().get_node_id()
-        init_ray(short_tmp, num_cpus=2)  # no-op: same cluster, same size
-        assert ray.get_runtime_context().get_node_id() == node_id
-        assert ray.cluster_resources()["CPU"] == 1
-
-        assert "session_latest" in os.listdir(short_tmp)
-        assert not (tmp_path / ".ray" / "auth_token").exists()
-        assert os.environ["RAY_AUTH_MODE"] == "disabled"
-        assert ray._private.worker.get_dashboard_url() == ""  # no dashboard web server
+        init_ray(temp_dir, num_cpus=2)  # no-op: same cluster, same size
 
         @ray.remote(num_cpus=1)
         def where():
@@ -92,11 +73,37 @@ def test_local_cluster_is_private_quiet_and_init_is_idempotent(
 
             return sys.executable, nemo_rl.__file__, os.getcwd()
 
-        # Same interpreter and checkout as the driver (not a `uv run` copy of the cwd).
-        executable, package_file, cwd = ray.get(where.remote())
-        assert executable == sys.executable
-        assert package_file.startswith(REPO_ROOT) and cwd == os.getcwd()
+        facts = {
+            "same_node": ray.get_runtime_context().get_node_id() == node_id,
+            "cpus": ray.cluster_resources()["CPU"],
+            "temp_dir_entries": os.listdir(temp_dir),
+            "auth_mode": os.environ.get("RAY_AUTH_MODE"),
+            "dashboard_url": ray._private.worker.get_dashboard_url(),
+            "driver": (sys.executable, os.getcwd()),
+            "worker": ray.get(where.remote()),
+        }
     finally:
         shutdown_ray()
         shutdown_ray()
-    assert not ray.is_initialized()
+    facts["initialized_after_shutdown"] = ray.is_initialized()
+    return facts
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a Ray start of its own; the fast tier starts Ray once through init_ray (`local_ray`)
+def test_local_cluster_is_private_quiet_and_init_is_idempotent(short_tmp, tmp_path):
+    # In a fresh process: whatever Ray another test of this session left running, init_ray
+    # starts its own here, so the test always runs and checks a cluster it started.
+    facts = run_in_fresh_process(_local_cluster_facts, short_tmp, str(tmp_path))
+    assert facts["same_node"]
+    assert facts["cpus"] == 1
+    assert "session_latest" in facts["temp_dir_entries"]
+    assert not (tmp_path / ".ray" / "auth_token").exists()
+    assert facts["auth_mode"] == "disabled"
+    assert facts["dashboard_url"] == ""  # no dashboard web server
+    assert facts["initialized_after_shutdown"] is False
+
+    # Same interpreter and checkout as the driver (not a `uv run` copy of the cwd).
+    executable, package_file, cwd = facts["worker"]
+    assert (executable, cwd) == facts["driver"] and executable == sys.executable
+    assert package_file.startswith(REPO_ROOT)

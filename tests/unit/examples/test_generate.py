@@ -267,6 +267,7 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a new Python process importing torch and transformers; main() is tested in-process above
 def test_script_prints_the_completion(dirs):
     result = _run_script("--checkpoint", str(dirs["full"]), "--prompt", QUESTION, "--max-new-tokens", "8", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -275,6 +276,7 @@ def test_script_prints_the_completion(dirs):
     assert expected and f"[1] user: {QUESTION}\n[1] assistant: {expected}\n" in result.stdout
 
 
+@pytest.mark.slow  # a new Python process importing torch and transformers
 def test_script_with_missing_checkpoint_exits_nonzero_with_one_line(tmp_path):
     missing = tmp_path / "results" / "step_150" / "hf"
     result = _run_script("--checkpoint", str(missing), "--prompt", QUESTION)

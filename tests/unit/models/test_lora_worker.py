@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 from peft import PeftModel
-from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, run_ranks, save_tiny_llama
+from tests.unit.distributed_helpers import run_ranks
+from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, save_tiny_llama
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
@@ -25,6 +26,10 @@ from transformers import AutoModelForCausalLM
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
+
+# Slow: three-step LoRA runs of four workers in 1 and 2 processes; the fast tier keeps LoRA on a
+# model in one process (test_lora.py).
+pytestmark = pytest.mark.slow
 
 NUM_STEPS = 3
 DIM, ALPHA = 4, 8
@@ -71,8 +76,8 @@ def _world1(rank, model_dir, out):
         hf_path=os.path.join(out, "w1_hf"),
         hf_merged_path=os.path.join(out, "w1_hf_merged"),
     )
-    torch.save(results, os.path.join(out, "w1.pt"))
     worker.shutdown()
+    return results
 
 
 def _world2(rank, model_dir, out):
@@ -95,18 +100,17 @@ def _world2(rank, model_dir, out):
 
     worker = DTensorPolicyWorker(_config(model_dir, precision="bfloat16"), seed=1, device="cpu")
     results["bf16"] = _train(worker, batches[:1], rank, 2, micro_batch_size=4)
-    if rank == 0:
-        torch.save(results, os.path.join(out, "w2.pt"))
     worker.shutdown()
+    return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_worker")
     model_dir = save_tiny_llama(str(root / "tiny_llama"))
-    run_ranks(1, _world1, model_dir, str(root))
-    run_ranks(2, _world2, model_dir, str(root))
-    return {"root": root, "model_dir": model_dir, "w1": torch.load(root / "w1.pt"), "w2": torch.load(root / "w2.pt")}
+    (w1,) = run_ranks(1, _world1, model_dir, str(root))
+    w2, _ = run_ranks(2, _world2, model_dir, str(root))
+    return {"root": root, "model_dir": model_dir, "w1": w1, "w2": w2}
 
 
 def _base(model_dir):

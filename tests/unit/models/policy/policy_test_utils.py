@@ -1,16 +1,12 @@
 """Tiny models, batches and configs for the policy tests, plus a plain-PyTorch reference.
 
-Imported by the test modules of this directory (and by the processes they start).
+Imported by the test modules of this directory (and by the processes they start with
+`tests.unit.distributed_helpers.run_ranks`).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable
-
 import torch
-import torch.multiprocessing as torch_mp
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -122,40 +118,3 @@ def reference_training(model_dir: str, batches: list[BatchedDataDict]) -> tuple[
         optimizer.zero_grad()
         history.append({"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr})
     return history, model
-
-
-# ---------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    fn(rank, *args)
-
-
-def run_ranks(world_size: int, fn: Callable, *args) -> None:
-    """Runs `fn(rank, *args)` in `world_size` fresh processes forming one gloo group.
-
-    Processes fork from a server that has already imported the worker (and torch and
-    transformers), so each costs little; a failing rank's traceback is raised here.
-    """
-    torch_mp.set_forkserver_preload(["nemo_rl.models.policy.workers.dtensor_policy_worker"])
-    torch_mp.start_processes(
-        _rank_entry,
-        args=(world_size, free_port(), fn, args),
-        nprocs=world_size,
-        start_method="forkserver",
-        join=True,
-    )

@@ -20,13 +20,13 @@ import os
 
 import pytest
 import torch
+from tests.unit.distributed_helpers import run_ranks
 from tests.unit.models.policy.policy_test_utils import (
     EXPECTED_LRS,
     make_batch,
     policy_config,
     reference_loss,
     reference_training,
-    run_ranks,
     save_tiny_llama,
 )
 from safetensors import safe_open
@@ -35,6 +35,10 @@ from transformers import AutoModelForCausalLM
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
+
+# Slow: four workers' training runs in 1 and 2 processes; test_untied_head.py keeps a 2-rank
+# FSDP2 step in the fast tier (`pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
 
 NUM_STEPS = 3
 
@@ -56,8 +60,8 @@ def _world1(rank, model_dir, out_dir):
     worker = DTensorPolicyWorker(policy_config(model_dir), seed=1, device="cpu")
     results = {"mb8": _train(worker, batches, rank, 1, micro_batch_size=8)}
     worker.save_checkpoint(weights_path=None, hf_path=os.path.join(out_dir, "w1_mb8_hf"))
-    torch.save(results, os.path.join(out_dir, "w1.pt"))
     worker.shutdown()
+    return results
 
 
 def _world2(rank, model_dir, out_dir):
@@ -92,18 +96,16 @@ def _world2(rank, model_dir, out_dir):
     )
     worker = DTensorPolicyWorker(low_precision, seed=1, device="cpu")
     results["bf16_ac_offload"] = _train(worker, batches[:1], rank, 2, micro_batch_size=2)
-    if rank == 0:
-        torch.save(results, os.path.join(out_dir, "w2.pt"))
     worker.shutdown()
+    return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dtensor_worker")
     model_dir = save_tiny_llama(str(root / "tiny_llama"))
-    run_ranks(1, _world1, model_dir, str(root))
-    run_ranks(2, _world2, model_dir, str(root))
-    w1, w2 = torch.load(root / "w1.pt"), torch.load(root / "w2.pt")
+    (w1,) = run_ranks(1, _world1, model_dir, str(root))
+    w2, _ = run_ranks(2, _world2, model_dir, str(root))
     history, reference_model = reference_training(model_dir, _batches())
     return {
         "root": root,

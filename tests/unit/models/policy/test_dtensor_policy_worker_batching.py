@@ -16,17 +16,16 @@ loss, so the ranks' micro-batch counts differ and rank 1 must add filler micro-b
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
+from tests.unit.distributed_helpers import run_ranks
 from tests.unit.models.policy.policy_test_utils import (
     SEQ_LEN,
     VOCAB,
     make_batch,
     policy_config,
     reference_training,
-    run_ranks,
     save_tiny_llama,
 )
 from transformers import AutoModelForCausalLM
@@ -37,6 +36,10 @@ from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 from nemo_rl.utils.flops import training_flops
+
+# Slow: three-step runs of four workers in 1 and 2 processes (one compiled); the fast tier keeps
+# packing and dynamic batching on a model in one process (test_micro_batching.py).
+pytestmark = pytest.mark.slow
 
 PACKING = {"enabled": True, "train_mb_tokens": SEQ_LEN, "sequence_length_round": 4}
 DYNAMIC = {"enabled": True, "train_mb_tokens": 2 * SEQ_LEN, "sequence_length_round": 8}
@@ -63,7 +66,7 @@ def _run(worker, batches, rank, world_size):
     return {"history": history, "logits": worker.get_logits(make_batch(5))}
 
 
-def _world1(rank, model_dir, out_dir):
+def _world1(rank, model_dir):
     results = {}
     worker = DTensorPolicyWorker(policy_config(model_dir, sequence_packing=PACKING), seed=1, device="cpu")
     results["w1_packing"] = _run(worker, _batches(), rank, 1)
@@ -73,11 +76,11 @@ def _world1(rank, model_dir, out_dir):
     cfg = policy_config(model_dir, sequence_packing=PACKING, dtensor_cfg={"compile": True})
     worker = DTensorPolicyWorker(cfg, seed=1, device="cpu")
     results["w1_compiled_packing"] = _run(worker, _batches()[:1], rank, 1)
-    torch.save(results, os.path.join(out_dir, "w1.pt"))
     worker.shutdown()
+    return results
 
 
-def _world2(rank, model_dir, out_dir):
+def _world2(rank, model_dir):
     results = {}
     worker = DTensorPolicyWorker(policy_config(model_dir, dynamic_batching=DYNAMIC), seed=1, device="cpu")
     results["w2_dynamic"] = _run(worker, _batches(), rank, 2)
@@ -87,23 +90,22 @@ def _world2(rank, model_dir, out_dir):
     worker = DTensorPolicyWorker(cfg, seed=1, device="cpu")
     results["w2_packing_ffd"] = _run(worker, _batches(), rank, 2)
     results["w2_packing_ffd"]["attn_implementation"] = worker.model.config._attn_implementation
-    if rank == 0:
-        torch.save(results, os.path.join(out_dir, "w2.pt"))
     worker.shutdown()
+    return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dtensor_worker_batching")
     model_dir = save_tiny_llama(str(root / "tiny_llama"))
-    run_ranks(1, _world1, model_dir, str(root))
-    run_ranks(2, _world2, model_dir, str(root))
+    (w1,) = run_ranks(1, _world1, model_dir)
+    w2, _ = run_ranks(2, _world2, model_dir)
     history, reference_model = reference_training(model_dir, _batches())
     with torch.no_grad():
         reference_logits = reference_model(input_ids=make_batch(5)["input_ids"]).logits
     return {
-        **torch.load(root / "w1.pt"),
-        **torch.load(root / "w2.pt"),
+        **w1,
+        **w2,
         "reference": history,
         "reference_logits": reference_logits,
         "model_dir": model_dir,

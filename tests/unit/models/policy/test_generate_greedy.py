@@ -8,11 +8,11 @@ of forwards (each one all-gathers the FSDP shards; a mismatch would hang or fail
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-from tests.unit.models.policy.policy_test_utils import VOCAB, policy_config, run_ranks, save_tiny_llama
+from tests.unit.distributed_helpers import run_ranks
+from tests.unit.models.policy.policy_test_utils import VOCAB, policy_config, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from nemo_rl.data.batched_data_dict import BatchedDataDict
@@ -50,12 +50,12 @@ def _reference(model, prompts: list[list[int]], eos: int | None) -> list[list[in
     return out
 
 
-def _generate_on_rank(rank: int, model_dir: str, out_dir: str) -> None:
+def _generate_on_rank(rank: int, model_dir: str) -> list[list[int]]:
     worker = DTensorPolicyWorker(policy_config(model_dir), seed=1, device="cpu")
     shard = _prompt_shards(_prompts())[rank]
     got = worker.generate_greedy(shard, max_new_tokens=MAX_NEW_TOKENS)
-    torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
     worker.shutdown()
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,10 @@ def model_and_eos(tmp_path_factory):
     return model_dir, eos
 
 
-def test_two_ranks_generate_what_single_process_hf_generates(model_and_eos, tmp_path):
+def test_two_ranks_generate_what_single_process_hf_generates(model_and_eos):
     model_dir, eos = model_and_eos
     prompts = _prompts()
-    run_ranks(WORLD_SIZE, _generate_on_rank, model_dir, str(tmp_path))
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    per_rank = run_ranks(WORLD_SIZE, _generate_on_rank, model_dir)
     assert [len(r) for r in per_rank] == [3, 3]  # 5 prompts + 1 padding row
     got = (per_rank[0] + per_rank[1])[: len(prompts)]
 

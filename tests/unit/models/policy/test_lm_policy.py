@@ -13,27 +13,22 @@ from tests.unit.models.policy.policy_test_utils import (
 )
 from transformers import AutoModelForCausalLM
 
-from nemo_rl.distributed import RayVirtualCluster, init_ray, shutdown_ray
 from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.distributed import RayVirtualCluster
 from nemo_rl.models.policy import Policy
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(tmp_path_factory, local_ray):
     model_dir = save_tiny_llama(str(tmp_path_factory.mktemp("lm_policy") / "tiny_llama"))
     cfg = policy_config(model_dir, train_micro_batch_size=2)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_ADDRESS", "local")  # a private cluster, even next to a `ray start` one
-    init_ray(num_cpus=2)
     cluster = RayVirtualCluster(1, 2, use_gpus=False, placement_timeout_s=60)
     policy = Policy(cluster, cfg, seed=7)
     yield policy, model_dir
     policy.shutdown()
     cluster.shutdown()
-    shutdown_ray()
-    mp.undo()
 
 
 def test_train_validate_and_save(policy, tmp_path):

@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from tests.unit.models.policy.policy_test_utils import EXPECTED_LRS, make_batch, policy_config, run_ranks, save_tiny_llama
+from tests.unit.distributed_helpers import run_ranks
+from tests.unit.models.policy.policy_test_utils import EXPECTED_LRS, make_batch, policy_config, save_tiny_llama
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
@@ -25,7 +26,7 @@ class NaNOnRankOne(NLLLoss):
         return loss, metrics
 
 
-def _poisoned_step(rank, model_dir, out_dir):
+def _poisoned_step(rank, model_dir):
     worker = DTensorPolicyWorker(policy_config(model_dir, dtensor_cfg={"chunked_loss": False}), seed=1, device="cpu")
     probe = make_batch(9)
     local = [make_batch(seed).shard_by_batch_size(2)[rank] for seed in range(3)]
@@ -34,18 +35,18 @@ def _poisoned_step(rank, model_dir, out_dir):
     results["logits2"] = worker.get_logits(probe)
     results["step3"] = worker.train(local[2], NLLLoss(), MicroBatchPlan(2))
     results["logits3"] = worker.get_logits(probe)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     worker.shutdown()
+    return results
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory):  # used by slow tests only: three steps of a 2-rank group
     root = tmp_path_factory.mktemp("non_finite")
     model_dir = save_tiny_llama(str(root / "tiny_llama"))
-    run_ranks(2, _poisoned_step, model_dir, str(root))
-    return [torch.load(root / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(2, _poisoned_step, model_dir)
 
 
+@pytest.mark.slow
 def test_every_rank_skips_the_update_and_the_weights_stay(ranks):
     for result in ranks:
         assert result["step2"]["update_skipped"] is True
@@ -54,6 +55,7 @@ def test_every_rank_skips_the_update_and_the_weights_stay(ranks):
         assert result["step1"]["update_skipped"] is False and result["step3"]["update_skipped"] is False
 
 
+@pytest.mark.slow
 def test_the_schedule_advances_and_training_goes_on(ranks):
     for result in ranks:
         assert [result[f"step{i}"]["lr"] for i in (1, 2, 3)] == pytest.approx(EXPECTED_LRS)

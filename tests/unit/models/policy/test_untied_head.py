@@ -7,11 +7,10 @@ aborts, NCCL hangs or mixes tensors. The step must instead equal the single-proc
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, run_ranks, save_tiny_llama
+from tests.unit.distributed_helpers import run_ranks
+from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, save_tiny_llama
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
@@ -24,25 +23,24 @@ def _batch_without_targets_on_rank_1():
     return batch
 
 
-def _one_step(rank, model_dir, out_dir):
+def _one_step(rank, model_dir):
     worker = DTensorPolicyWorker(policy_config(model_dir), seed=1, device="cpu")
     assert worker.chunked_loss
     local = _batch_without_targets_on_rank_1().shard_by_batch_size(2)[rank]
     result = {"step": worker.train(local, NLLLoss(), MicroBatchPlan(4)), "logits": worker.get_logits(make_batch(5))}
-    if rank == 0:
-        torch.save(result, os.path.join(out_dir, "untied.pt"))
     worker.shutdown()
+    return result
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("untied_head")
     model_dir = save_tiny_llama(str(root / "tiny_llama_untied"), tie_word_embeddings=False)
-    run_ranks(2, _one_step, model_dir, str(root))
+    rank0, _ = run_ranks(2, _one_step, model_dir)
     history, reference_model = reference_training(model_dir, [_batch_without_targets_on_rank_1()])
     with torch.no_grad():
         reference_logits = reference_model(input_ids=make_batch(5)["input_ids"]).logits
-    return torch.load(root / "untied.pt"), history[0], reference_logits
+    return rank0, history[0], reference_logits
 
 
 def test_the_step_equals_the_single_process_reference(run):

@@ -192,6 +192,7 @@ def ray_nodes(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     mp.setenv("RAY_AUTH_MODE", "disabled")
+    shutdown_ray()  # the session's local Ray (tests/unit/conftest.py), if another test started it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     mp.setenv("RAY_ADDRESS", cluster.address)
     init_ray()

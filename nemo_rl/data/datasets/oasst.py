@@ -95,6 +95,8 @@ class OasstDataset:
         for split in splits:
             located = read_columns(data_path, COLUMNS, split=split, dataset_name=NAME, config_path=config_path)
             conversations = linear_conversations(located, lang=lang)
+            if not conversations and split == "validation":
+                continue  # e.g. no validation tree in `lang`: no validation rows from this source
             if not conversations:
                 raise DataError(
                     f"{config_path}.data_path={data_path!r} split {split!r}: no conversation with an assistant "

@@ -192,6 +192,8 @@ def check_same_data_order(saved: Mapping[str, Any] | None, current: Mapping[str,
     old_config, new_config = saved["config"], current["config"]
     for key in sorted(set(old_config) | set(new_config)):
         old, new = old_config.get(key, "<unset>"), new_config.get(key, "<unset>")
+        if (old, new) in (("<unset>", None), (None, "<unset>")):
+            continue  # a key added since (e.g. data.train.max_samples), at its off value: no change
         if old != new and not (same_rows and _WHERE_THE_ROWS_ARE.fullmatch(key)):
             changes.append(f"{key}: {old!r} -> {new!r}")
     if saved.get("train_mixture") != current.get("train_mixture"):

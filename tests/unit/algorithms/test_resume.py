@@ -202,6 +202,18 @@ def mixture_of(cfg: MasterConfig, *, max_samples: tuple[int, int], data_paths=("
     return mixed, MixedRows(parts)
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_while_the_key_is_off(cfg):
+    """A checkpoint written before data.train.max_samples existed has no such key: unset there and
+    null now is the same data; a value now is a change."""
+    saved = saved_fingerprint(cfg)
+    del saved["config"]["data.train.max_samples"]
+    check_same_data_order(saved, fingerprint(cfg), checkpoint=Path("step_1"))
+    capped_train = cfg.data.train.model_copy(update={"max_samples": 5})
+    capped = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": capped_train})})
+    with pytest.raises(ResumeError, match=r"data.train.max_samples: '<unset>' -> 5"):
+        check_same_data_order(saved, fingerprint(capped), checkpoint=Path("step_1"))
+
+
 def test_a_mixture_is_part_of_the_fingerprint(cfg):
     mixed, rows = mixture_of(cfg, max_samples=(6, 4))
     saved = saved_fingerprint(mixed, rows, 10)

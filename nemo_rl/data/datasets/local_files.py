@@ -168,6 +168,8 @@ def load_hf_dataset(data_path: str, *, split: str | None, config_path: str):
                     f"expected one of {list(JSON_SUFFIXES + tuple(OTHER_FILE_BUILDERS))}"
                 )
             loaded = datasets.load_dataset(OTHER_FILE_BUILDERS[suffix], data_files={"train": path})
+            if split is not None:
+                return loaded["train"]  # a single file is one split, whatever its name
         elif is_saved_to_disk(path):
             loaded = datasets.load_from_disk(path)
             if isinstance(loaded, datasets.Dataset):

@@ -47,7 +47,7 @@ def learned_text(tokenizer, rows, task_spec=None) -> list[str]:
 # ---------------------------------------------------------------- OpenMathInstruct-2
 
 
-@pytest.mark.parametrize("layout", ["hub", "saved", "rows.jsonl"])
+@pytest.mark.parametrize("layout", ["hub", "saved", "rows.jsonl", "hub/data/train_1M-00000-of-00001.parquet"])
 def test_openmathinstruct2_reads_every_local_layout_the_same(copies, layout):
     source = copies["openmath"]
     cfg = DatasetConfig(dataset_name="OpenMathInstruct-2", data_path=str(copies["root"] / "OpenMathInstruct-2" / layout))
@@ -211,3 +211,15 @@ def test_max_samples_is_a_seeded_subset_in_source_order(copies):
     train, validation = chosen(max_samples=5, seed=3, split_validation_size=0.2)
     assert len(train) == 4 and len(validation) == 1
     assert sorted(train + [validation[0]["messages"][0]["content"]]) == sorted(five)
+
+
+def test_oasst_from_a_save_to_disk_folder_reads_the_same(copies, tmp_path):
+    import datasets
+
+    datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(rows) for split, rows in copies["oasst"].items()}
+    ).save_to_disk(str(tmp_path / "saved"))
+    from_parquet = build_dataset(DatasetConfig(dataset_name="open_assistant", data_path=str(copies["root"] / "oasst1")))
+    from_disk = build_dataset(DatasetConfig(dataset_name="open_assistant", data_path=str(tmp_path / "saved")))
+    for split in ("train", "validation"):
+        assert from_disk.formatted_ds[split].to_list() == from_parquet.formatted_ds[split].to_list()

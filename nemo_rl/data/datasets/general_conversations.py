@@ -13,8 +13,14 @@ from typing import Any
 from nemo_rl.data.datasets.common import check_conversation, read_formatted, require_key, require_text
 from nemo_rl.data.interfaces import DataError, TaskDataSpec
 
-SENDERS = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "agent": "assistant",
-           "system": "system"}
+SENDERS = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "agent": "assistant",
+    "system": "system",
+}
 MEDIA_KEYS = ("image", "images", "sound", "audio", "video")
 NAME = "GeneralConversationsJsonlDataset"
 
@@ -32,15 +38,21 @@ def format_general_conversation(row: dict[str, Any], *, where: str) -> dict[str,
         sender = require_key(turn, "from", where=at, needed_by=NAME)
         if sender not in SENDERS:
             raise DataError(f"{at}.from={sender!r}; expected one of {sorted(SENDERS)}")
-        messages.append({"role": SENDERS[sender], "content": require_text(turn, "value", where=at, needed_by=NAME)})
+        messages.append(
+            {"role": SENDERS[sender], "content": require_text(turn, "value", where=at, needed_by=NAME)}
+        )
     check_conversation(messages, where=where, key="conversations")
     return {"messages": messages}
 
 
 class GeneralConversationsJsonlDataset:
-    def __init__(self, data_path: str | None = None, split: str | None = None, config_path: str = "data.train"):
+    def __init__(
+        self, data_path: str | None = None, split: str | None = None, config_path: str = "data.train"
+    ):
         if not data_path:
             raise DataError(f"{config_path}.data_path is required for {NAME} (a JSONL file or a Hub name)")
-        train = read_formatted(data_path, partial(format_general_conversation), split=split, config_path=config_path)
+        train = read_formatted(
+            data_path, partial(format_general_conversation), split=split, config_path=config_path
+        )
         self.formatted_ds = {"train": train, "validation": None}
         self.task_spec = TaskDataSpec("general-conversation-jsonl")

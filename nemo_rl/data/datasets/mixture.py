@@ -67,7 +67,8 @@ class MixedRows(Sequence):
     def summary(self) -> list[dict[str, Any]]:
         """[{dataset, dataset_name, rows}] per part: what the resume fingerprint records."""
         return [
-            {"dataset": p.config_path, "dataset_name": p.dataset_name, "rows": len(p.rows)} for p in self.parts
+            {"dataset": p.config_path, "dataset_name": p.dataset_name, "rows": len(p.rows)}
+            for p in self.parts
         ]
 
     def __repr__(self) -> str:

@@ -32,7 +32,9 @@ COLUMNS = {
 }
 
 
-def linear_conversations(located: list[tuple[str, dict[str, Any]]], *, lang: str | None = None) -> list[dict[str, Any]]:
+def linear_conversations(
+    located: list[tuple[str, dict[str, Any]]], *, lang: str | None = None
+) -> list[dict[str, Any]]:
     """The root-to-leaf conversations of the message trees in `located` ((where, row) pairs)."""
     rows_by_id: dict[str, tuple[int, str, dict[str, Any]]] = {}
     for order, (where, row) in enumerate(located):
@@ -71,7 +73,12 @@ def linear_conversations(located: list[tuple[str, dict[str, Any]]], *, lang: str
         messages = []
         for mid in path:
             _, where, row = rows_by_id[mid]
-            messages.append({"role": ROLES[row["role"]], "content": require_text(row, "text", where=where, needed_by=NAME)})
+            messages.append(
+                {
+                    "role": ROLES[row["role"]],
+                    "content": require_text(row, "text", where=where, needed_by=NAME),
+                }
+            )
         check_conversation(messages, where=rows_by_id[path[-1]][1], require_final_assistant=True)
         conversations.append({"messages": messages})
 
@@ -80,7 +87,9 @@ def linear_conversations(located: list[tuple[str, dict[str, Any]]], *, lang: str
         if lang is not None and root_row.get("lang") != lang:
             continue
         if root_row["role"] != "prompter":
-            raise DataError(f"{rows_by_id[root][1]}: a tree's root message must be the prompter's, got role {root_row['role']!r}")
+            raise DataError(
+                f"{rows_by_id[root][1]}: a tree's root message must be the prompter's, got role {root_row['role']!r}"
+            )
         walk(root, [])
     return conversations
 
@@ -90,10 +99,16 @@ class OasstDataset:
         if looks_local(data_path) and data_path.endswith((".jsonl", ".json")):
             splits = ["train"]  # a single file is one split
         else:
-            splits = [s for s in ("train", "validation") if s in load_hf_dataset(data_path, split=None, config_path=config_path)]
+            splits = [
+                s
+                for s in ("train", "validation")
+                if s in load_hf_dataset(data_path, split=None, config_path=config_path)
+            ]
         self.formatted_ds: dict[str, Any] = {"train": None, "validation": None}
         for split in splits:
-            located = read_columns(data_path, COLUMNS, split=split, dataset_name=NAME, config_path=config_path)
+            located = read_columns(
+                data_path, COLUMNS, split=split, dataset_name=NAME, config_path=config_path
+            )
             conversations = linear_conversations(located, lang=lang)
             if not conversations and split == "validation":
                 continue  # e.g. no validation tree in `lang`: no validation rows from this source

@@ -36,15 +36,26 @@ class OpenMathInstruct2Dataset:
             )
         if data_path == HUB_ID and split not in HUB_SPLITS:
             raise DataError(f"{config_path}.split={split!r} for {HUB_ID}; its splits are {list(HUB_SPLITS)}")
-        columns = {"problem": "the user message", output_key: f"the assistant message (output_key={output_key!r})"}
+        columns = {
+            "problem": "the user message",
+            output_key: f"the assistant message (output_key={output_key!r})",
+        }
         located = read_columns(data_path, columns, split=split, dataset_name=NAME, config_path=config_path)
         rows = []
         for where, row in located:
             messages = [
                 {"role": "user", "content": require_text(row, "problem", where=where, needed_by=NAME)},
-                {"role": "assistant", "content": require_text(
-                    row, output_key, where=where, option="output_key", config_path=config_path, allow_empty=False
-                )},
+                {
+                    "role": "assistant",
+                    "content": require_text(
+                        row,
+                        output_key,
+                        where=where,
+                        option="output_key",
+                        config_path=config_path,
+                        allow_empty=False,
+                    ),
+                },
             ]
             check_conversation(messages, where=where)
             rows.append({"messages": messages})

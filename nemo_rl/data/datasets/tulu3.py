@@ -21,7 +21,11 @@ class Tulu3SftMixtureDataset:
 
     def __init__(self, data_path: str = HUB_ID, split: str = "train", config_path: str = "data.train"):
         located = read_columns(
-            data_path, {"messages": "the conversation"}, split=split, dataset_name=NAME, config_path=config_path
+            data_path,
+            {"messages": "the conversation"},
+            split=split,
+            dataset_name=NAME,
+            config_path=config_path,
         )
         rows = []
         for where, row in located:

@@ -42,12 +42,14 @@ def openmathinstruct2_rows(n: int = 12, seed: int = 0) -> list[dict[str, Any]]:
     rows = []
     for _ in range(n):
         a, b = rng.randint(2, 99), rng.randint(2, 99)
-        rows.append({
-            "problem": f"What is ${a} + {b}$?",
-            "generated_solution": f"Adding {a} and {b} gives {a + b}.\n\nThe answer is $\\boxed{{{a + b}}}$.",
-            "expected_answer": str(a + b),
-            "problem_source": rng.choice(["augmented_math", "augmented_gsm8k", "math", "gsm8k"]),
-        })
+        rows.append(
+            {
+                "problem": f"What is ${a} + {b}$?",
+                "generated_solution": f"Adding {a} and {b} gives {a + b}.\n\nThe answer is $\\boxed{{{a + b}}}$.",
+                "expected_answer": str(a + b),
+                "problem_source": rng.choice(["augmented_math", "augmented_gsm8k", "math", "gsm8k"]),
+            }
+        )
     return rows
 
 
@@ -70,8 +72,13 @@ def tulu3_rows(n: int = 8, seed: int = 1) -> list[dict[str, Any]]:
         if i % 3 == 0:
             messages.append({"role": "system", "content": _sentence(rng)})
         for _ in range(1 + i % 2):  # one or two exchanges
-            messages += [{"role": "user", "content": _sentence(rng)}, {"role": "assistant", "content": _sentence(rng)}]
-        rows.append({"id": f"tulu_{i}", "messages": messages, "source": rng.choice(["flan", "wildchat", "oasst"])})
+            messages += [
+                {"role": "user", "content": _sentence(rng)},
+                {"role": "assistant", "content": _sentence(rng)},
+            ]
+        rows.append(
+            {"id": f"tulu_{i}", "messages": messages, "source": rng.choice(["flan", "wildchat", "oasst"])}
+        )
     return rows
 
 
@@ -98,8 +105,14 @@ def oasst_messages(seed: int = 2) -> dict[str, list[dict[str, Any]]]:
 
     def message(mid, parent, tree, role, *, lang="en", rank=None, deleted=False, review_result=True):
         return {
-            "message_id": mid, "parent_id": parent, "message_tree_id": tree, "role": role,
-            "text": f"[{mid}] {_sentence(rng)}", "lang": lang, "rank": rank, "deleted": deleted,
+            "message_id": mid,
+            "parent_id": parent,
+            "message_tree_id": tree,
+            "role": role,
+            "text": f"[{mid}] {_sentence(rng)}",
+            "lang": lang,
+            "rank": rank,
+            "deleted": deleted,
             "review_result": review_result,
         }
 
@@ -129,14 +142,21 @@ def write_oasst(root: Path, seed: int = 2) -> dict[str, list[dict[str, Any]]]:
 def general_conversation_rows(seed: int = 3) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [
-        {"conversations": [{"from": "human", "value": _sentence(rng)}, {"from": "gpt", "value": _sentence(rng)}]},
-        {"conversations": [
-            {"from": "system", "value": _sentence(rng)},
-            {"from": "user", "value": _sentence(rng)},
-            {"from": "assistant", "value": _sentence(rng)},
-            {"from": "human", "value": _sentence(rng)},
-            {"from": "agent", "value": _sentence(rng)},
-        ]},
+        {
+            "conversations": [
+                {"from": "human", "value": _sentence(rng)},
+                {"from": "gpt", "value": _sentence(rng)},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": _sentence(rng)},
+                {"from": "user", "value": _sentence(rng)},
+                {"from": "assistant", "value": _sentence(rng)},
+                {"from": "human", "value": _sentence(rng)},
+                {"from": "agent", "value": _sentence(rng)},
+            ]
+        },
     ]
 
 

@@ -70,7 +70,10 @@ def loaders_for(data: DataConfig, tokenizer, *, seed: int, batch_size: int = 5):
 def test_each_row_keeps_its_datasets_prompt(copies, tokenizer):
     datasets = load_datasets(mixture(copies))
     assert isinstance(datasets.train, MixedRows) and len(datasets.train) == 10
-    assert [(p.config_path, len(p.rows)) for p in datasets.train.parts] == [("data.train[0]", 6), ("data.train[1]", 4)]
+    assert [(p.config_path, len(p.rows)) for p in datasets.train.parts] == [
+        ("data.train[0]", 6),
+        ("data.train[1]", 4),
+    ]
     dataset = SFTDataset(datasets.train, tokenizer, datasets.task_spec, tokenization())
     prompt = Path(MATH_PROMPT).read_text()
     problems = {row["problem"] for row in copies["openmath"]}
@@ -104,14 +107,31 @@ def test_shares_and_determinism_under_sft_seed(copies, tokenizer):
 
 
 def test_validation_is_each_datasets_own_or_the_given_list(copies):
-    own = load_datasets(mixture(copies).model_copy(update={"train": [
-        entry.model_copy(update={"split_validation_size": 0.25}) for entry in mixture(copies).train
-    ]}))
-    assert [(p.config_path, len(p.rows)) for p in own.validation.parts] == [("data.train[0]", 2), ("data.train[1]", 1)]
+    own = load_datasets(
+        mixture(copies).model_copy(
+            update={
+                "train": [
+                    entry.model_copy(update={"split_validation_size": 0.25})
+                    for entry in mixture(copies).train
+                ]
+            }
+        )
+    )
+    assert [(p.config_path, len(p.rows)) for p in own.validation.parts] == [
+        ("data.train[0]", 2),
+        ("data.train[1]", 1),
+    ]
     assert len(own.train) == 4 + 3
-    given = load_datasets(mixture(copies, validation=[
-        DatasetConfig(dataset_name="tulu3_sft_mixture", data_path=str(copies["root"] / "tulu3"), max_samples=3),
-    ]))
+    given = load_datasets(
+        mixture(
+            copies,
+            validation=[
+                DatasetConfig(
+                    dataset_name="tulu3_sft_mixture", data_path=str(copies["root"] / "tulu3"), max_samples=3
+                ),
+            ],
+        )
+    )
     assert [(p.config_path, len(p.rows)) for p in given.validation.parts] == [("data.validation[0]", 3)]
 
 
@@ -120,7 +140,11 @@ def test_config_file_with_a_list_and_data_default(copies, tmp_path):
         "defaults": str(REPO / "configs" / "sft_tiny.yaml"),
         "data": {
             "train": [
-                {"dataset_name": "OpenMathInstruct-2", "data_path": str(copies["root"] / "omi2" / "saved"), "max_samples": 4},
+                {
+                    "dataset_name": "OpenMathInstruct-2",
+                    "data_path": str(copies["root"] / "omi2" / "saved"),
+                    "max_samples": 4,
+                },
                 {"dataset_name": "tulu3_sft_mixture", "data_path": str(copies["root"] / "tulu3")},
             ],
             "default": {"seed": 7, "prompt_file": MATH_PROMPT},

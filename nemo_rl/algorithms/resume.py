@@ -12,7 +12,8 @@ torch generator of each rank.
 
 The data fingerprint, saved in `training_info.json` under `data_fingerprint`, holds the config
 keys that decide which sample comes at which step (`DATA_ORDER_KEYS`, and every field of the
-run's `TokenizationOptions` under its config key) and a SHA-256 of the training rows. A resume
+run's `TokenizationOptions` under its config key), a SHA-256 of the training rows and, for a
+mixture of datasets, each dataset's number of rows. A resume
 whose fingerprint differs would silently skip or repeat samples, so it is refused with the list
 of what changed; so is a resume from a checkpoint without a fingerprint, which cannot be checked.
 """
@@ -23,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -49,7 +51,7 @@ DATA_ORDER_KEYS = ("sft.seed", "data.shuffle", "policy.train_global_batch_size",
 
 
 # Where the rows are read from: a moved copy of the same rows (same SHA-256) resumes fine.
-_WHERE_THE_ROWS_ARE = ("data.train.data_path",)
+_WHERE_THE_ROWS_ARE = re.compile(r"data\.train(\[\d+\])?\.data_path")
 
 
 class ResumeError(RuntimeError):
@@ -156,7 +158,7 @@ def data_fingerprint(
     config = {
         key: value
         for key, value in flat.items()
-        if any(key == k or key.startswith(k + ".") for k in DATA_ORDER_KEYS)
+        if any(key == k or key.startswith((k + ".", k + "[")) for k in DATA_ORDER_KEYS)
     }
     config.update(tokenization.by_config_key())
     digest, num_rows = hashlib.sha256(), 0
@@ -164,12 +166,15 @@ def data_fingerprint(
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
         digest.update(b"\n")
         num_rows += 1
-    return {
+    fingerprint = {
         "config": json.loads(json.dumps(config, default=str)),
         "train_rows": num_rows,
         "train_rows_sha256": digest.hexdigest(),
         "train_samples": num_samples,
     }
+    if hasattr(train_rows, "summary"):  # a mixture (data.train as a list): each dataset's share
+        fingerprint["train_mixture"] = train_rows.summary()
+    return fingerprint
 
 
 def check_same_data_order(saved: Mapping[str, Any] | None, current: Mapping[str, Any], checkpoint: Path) -> None:
@@ -187,8 +192,12 @@ def check_same_data_order(saved: Mapping[str, Any] | None, current: Mapping[str,
     old_config, new_config = saved["config"], current["config"]
     for key in sorted(set(old_config) | set(new_config)):
         old, new = old_config.get(key, "<unset>"), new_config.get(key, "<unset>")
-        if old != new and not (same_rows and key in _WHERE_THE_ROWS_ARE):
+        if (old, new) in (("<unset>", None), (None, "<unset>")):
+            continue  # a key added since (e.g. data.train.max_samples), at its off value: no change
+        if old != new and not (same_rows and _WHERE_THE_ROWS_ARE.fullmatch(key)):
             changes.append(f"{key}: {old!r} -> {new!r}")
+    if saved.get("train_mixture") != current.get("train_mixture"):
+        changes.append(f"the mixture's rows per dataset: {saved.get('train_mixture')} -> {current.get('train_mixture')}")
     if not same_rows:
         changes.append(
             f"the training rows' contents: {saved['train_rows']} rows (sha256 "
@@ -262,6 +271,11 @@ def checkpoint_step(path: Path) -> int:
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, list) and value and all(isinstance(item, Mapping) for item in value):
+        out: dict[str, Any] = {}  # a list of sections, e.g. data.train as a mixture: data.train[0].seed
+        for index, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{index}]"))
+        return out
     if not isinstance(value, Mapping):
         return {prefix: value}
     out: dict[str, Any] = {}

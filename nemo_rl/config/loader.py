@@ -333,13 +333,22 @@ def _merge_data_defaults(data: dict[str, Any]) -> tuple[list[str], dict[Loc, str
             continue
         if own is None:
             own = {}
+        if isinstance(own, list):  # a mixture: the defaults go under each of its datasets
+            for index, entry in enumerate(own):
+                if isinstance(entry, dict):
+                    own[index] = _with_defaults(entry, usable, ("data", split, index), notes)
+            continue
         if not isinstance(own, dict):
             continue  # validation reports it
-        for key in usable:
-            if key not in own:
-                notes[("data", split, key)] = "inherited from data.default"
-        section[split] = {**copy.deepcopy(usable), **own}
+        section[split] = _with_defaults(own, usable, ("data", split), notes)
     return problems, notes
+
+
+def _with_defaults(own: dict[str, Any], usable: dict[str, Any], loc: Loc, notes: dict[Loc, str]) -> dict[str, Any]:
+    for key in usable:
+        if key not in own:
+            notes[(*loc, key)] = "inherited from data.default"
+    return {**copy.deepcopy(usable), **own}
 
 
 # ---------------------------------------------------------------- the public functions

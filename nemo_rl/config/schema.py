@@ -269,14 +269,16 @@ class PolicyConfig(Section):
 
 
 class DatasetConfig(Section):
-    """One dataset: a registered name (squad, ResponseDataset, openai_format, alpaca) or a dotted
-    class path. `data.default` is merged under it by the loader (its own keys win)."""
+    """One dataset: a registered name (see docs/datasets.md) or a dotted class path. `data.default`
+    is merged under it by the loader (its own keys win)."""
 
     dataset_name: str | None = None
     data_path: str | None = None
     split: str | None = None
     split_validation_size: float | None = Field(None, ge=0.0, lt=1.0)
     seed: int = 42
+    # at most this many rows of each split, a random choice under `seed` (before split_validation_size)
+    max_samples: int | None = Field(None, ge=1)
     # ResponseDataset / alpaca
     input_key: str | None = None
     output_key: str | None = None
@@ -302,10 +304,19 @@ class DataConfig(Section):
     overlength: Literal["mask", "truncate", "drop"] = "truncate"
     shuffle: bool = True
     num_workers: int = Field(1, ge=0)
-    train: DatasetConfig
-    validation: DatasetConfig | None = None
-    # merged under `train` and `validation` by the loader; kept for display
+    # one dataset, or a list of datasets whose rows are mixed (concatenated, each row processed with
+    # its own dataset's prompt and processor; `max_samples` sets each one's share)
+    train: DatasetConfig | list[DatasetConfig]
+    validation: DatasetConfig | list[DatasetConfig] | None = None
+    # merged under `train` and `validation` (each entry of a list) by the loader; kept for display
     default: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _non_empty_list(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list of datasets; give one dataset or a non-empty list")
+        return value
 
 
 # ---------------------------------------------------------------- logger

@@ -40,6 +40,7 @@ import torch
 
 from nemo_rl.config.schema import MasterConfig
 from nemo_rl.data.datasets.common import check_conversation
+from nemo_rl.data.datasets.mixture import MixedRows
 from nemo_rl.data.interfaces import DataError, DatumSpec, TaskDataSpec
 
 Overlength = Literal["mask", "truncate", "drop"]
@@ -342,14 +343,22 @@ class SFTDataset(torch.utils.data.Dataset):
     ):
         check_processor_name(processor, f"data.{source}.processor")
         _check_prompt_format(task_spec)
-        process = PROCESSORS[processor]
+        if isinstance(rows, MixedRows):  # each row with its own dataset's prompt and processor
+            for part in rows.parts:
+                check_processor_name(part.processor, f"{part.config_path}.processor")
+                _check_prompt_format(part.task_spec)
         self._rows = rows  # for `conversation`: the messages behind a sample
         self.task_spec = task_spec
         self.options = options
         self.samples: list[DatumSpec] = []
         self.overlength_counts = {"truncated": 0, "masked": 0, "dropped": 0}
         for idx, row in enumerate(rows.to_list() if hasattr(rows, "to_list") else rows):
-            datum = process(row, tokenizer, task_spec, options, idx=idx, where=f"{source} row {idx}")
+            row_spec, process, where = self._task_of(idx), PROCESSORS[processor], f"{source} row {idx}"
+            if isinstance(rows, MixedRows):
+                part = rows.part_of(idx)
+                process = PROCESSORS[part.processor]
+                where = f"{where} ({part.config_path}, dataset_name={part.dataset_name!r})"
+            datum = process(row, tokenizer, row_spec, options, idx=idx, where=where)
             if datum is None:
                 self.overlength_counts["dropped"] += 1
                 continue
@@ -374,8 +383,15 @@ class SFTDataset(torch.utils.data.Dataset):
     def conversation(self, index: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """Sample `index`'s messages as the processor tokenized them (the task's prompt format
         and system prompt applied), and its tools."""
-        row = self._rows[self.samples[index]["idx"]]
-        return apply_task_spec(row["messages"], self.task_spec), row.get("tools")
+        idx = self.samples[index]["idx"]
+        row = self._rows[idx]
+        return apply_task_spec(row["messages"], self._task_of(idx)), row.get("tools")
+
+    def _task_of(self, idx: int) -> TaskDataSpec:
+        """The task spec of row `idx`: its dataset's in a mixture, else the one given."""
+        if isinstance(self._rows, MixedRows):
+            return self._rows.part_of(idx).task_spec
+        return self.task_spec
 
 
 def _check_prompt_format(task_spec: TaskDataSpec) -> None:

@@ -193,6 +193,17 @@ class ProgressReporter:
 # ---------------------------------------------------------------- run header
 
 
+def _describe_datasets(datasets, unnamed: str) -> str:
+    """`squad`, or for a mixture `OpenMathInstruct-2 (max 1000) + tulu3_sft_mixture`."""
+    if not isinstance(datasets, list):
+        return datasets.dataset_name or datasets.data_path or unnamed
+    names = []
+    for dataset in datasets:
+        name = dataset.dataset_name or dataset.data_path or unnamed
+        names.append(f"{name} (max {dataset.max_samples})" if dataset.max_samples is not None else name)
+    return " + ".join(names)
+
+
 def print_run_header(
     cfg: MasterConfig,
     config_path: str | Path | None = None,
@@ -210,11 +221,9 @@ def print_run_header(
     file = file if file is not None else sys.stdout
     console = _console(file, _isatty(file))
     policy, sft, cluster = cfg.policy, cfg.sft, cfg.cluster
-    train = cfg.data.train
-    data = train.dataset_name or train.data_path or "?"
-    val = cfg.data.validation
-    if val is not None:
-        data += f" (validation: {val.dataset_name or val.data_path or 'split from train'})"
+    data = _describe_datasets(cfg.data.train, "?")
+    if cfg.data.validation is not None:
+        data += f" (validation: {_describe_datasets(cfg.data.validation, 'split from train')})"
     workers = cluster.workers_per_node(device)
     lora = " + LoRA" if policy.dtensor_cfg.lora_cfg.enabled else ""
 

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from nemo_rl.data.datasets.local_files import load_rows
+from nemo_rl.data.datasets.local_files import LocatedRow, load_rows
 from nemo_rl.data.datasets.preserving import PreservingDataset
 from nemo_rl.data.interfaces import DataError
 
@@ -180,3 +180,27 @@ def read_formatted(
     if not rows:
         raise DataError(f"{config_path}.data_path={data_path!r} holds no rows")
     return as_rows(rows, preserving=preserving, config_path=config_path)
+
+
+def read_columns(
+    data_path: str,
+    columns: dict[str, str],
+    *,
+    split: str | None,
+    dataset_name: str,
+    config_path: str,
+) -> list[LocatedRow]:
+    """The rows of `split` of `data_path`, after checking that each has every column of
+    `columns` ({column: what it is used for}); a missing one is a DataError naming the dataset,
+    the split (or file line) and the column."""
+    located = load_rows(data_path, split=split, config_path=config_path)
+    for where, row in located:
+        missing = [column for column in columns if not isinstance(row, dict) or column not in row]
+        if missing:
+            column = missing[0]
+            present = list(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(
+                f"{config_path} (dataset_name={dataset_name!r}): column {column!r} ({columns[column]}) "
+                f"not found in {where}; columns there: {present}"
+            )
+    return located

@@ -4,7 +4,7 @@ Local `.jsonl` files are read one object per line; local `.json` files hold eith
 objects or, like many files named `.json`, one object per line. Every row keeps a `where` string
 (`/data/train.jsonl line 17`, 1-based) for the messages of `DataError`. Anything that is not a
 local JSON/JSONL file goes through `datasets.load_dataset` (a local directory, a `.parquet`/`.csv`
-file or a Hugging Face Hub name); those rows are located by dataset name, split and row index.
+file or a Hugging Face Hub name) or `datasets.load_from_disk` (a `save_to_disk` folder); those rows are located by dataset name, split and row index.
 """
 
 from __future__ import annotations
@@ -142,8 +142,17 @@ def load_rows(data_path: str, *, split: str | None, config_path: str) -> list[Lo
     return [LocatedRow(f"{data_path} split {split} row {i}", row) for i, row in enumerate(dataset.to_list())]
 
 
+def is_saved_to_disk(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(
+        os.path.join(path, "state.json")
+    )
+
+
 def load_hf_dataset(data_path: str, *, split: str | None, config_path: str):
-    """`datasets.load_dataset` for a Hub name, a local folder or a single parquet/csv/arrow file.
+    """`datasets.load_dataset` for a Hub name (or its copy in the Hub cache, offline with
+    HF_HUB_OFFLINE=1), a local folder of data files or a single parquet/csv/arrow file;
+    `datasets.load_from_disk` for a `save_to_disk` folder.
 
     Returns a `Dataset` when `split` is given, else a `DatasetDict`.
     """
@@ -159,6 +168,14 @@ def load_hf_dataset(data_path: str, *, split: str | None, config_path: str):
                     f"expected one of {list(JSON_SUFFIXES + tuple(OTHER_FILE_BUILDERS))}"
                 )
             loaded = datasets.load_dataset(OTHER_FILE_BUILDERS[suffix], data_files={"train": path})
+            if split is not None:
+                return loaded["train"]  # a single file is one split, whatever its name
+        elif is_saved_to_disk(path):
+            loaded = datasets.load_from_disk(path)
+            if isinstance(loaded, datasets.Dataset):
+                # one saved split (e.g. `load_dataset(name, split="train_1M").save_to_disk(...)`)
+                # stands for whichever split is asked of it
+                return loaded if split is not None else datasets.DatasetDict({"train": loaded})
         else:
             loaded = datasets.load_dataset(path)
     except DataError:

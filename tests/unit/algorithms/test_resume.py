@@ -185,6 +185,61 @@ def test_moved_copy_of_the_same_rows_passes_but_a_different_sample_count_does_no
         check_same_data_order(saved, fingerprint(cfg, ROWS, 9), checkpoint=Path("step_1"))
 
 
+def mixture_of(cfg: MasterConfig, *, max_samples: tuple[int, int], data_paths=("/data/a", "/data/b")):
+    """`cfg` with data.train a list of two datasets of `max_samples` rows each, and their rows."""
+    from nemo_rl.data.datasets import MixedRows, MixturePart
+    from nemo_rl.data.interfaces import TaskDataSpec
+
+    entries = [
+        cfg.data.train.model_copy(update={"data_path": path, "max_samples": n})
+        for path, n in zip(data_paths, max_samples, strict=True)
+    ]
+    mixed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": entries})})
+    parts, start = [], 0
+    for index, n in enumerate(max_samples):
+        parts.append(MixturePart(f"data.train[{index}]", "squad", ROWS[start : start + n], TaskDataSpec("squad"), "sft_processor"))
+        start += n
+    return mixed, MixedRows(parts)
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_while_the_key_is_off(cfg):
+    """A checkpoint written before data.train.max_samples existed has no such key: unset there and
+    null now is the same data; a value now is a change."""
+    saved = saved_fingerprint(cfg)
+    del saved["config"]["data.train.max_samples"]
+    check_same_data_order(saved, fingerprint(cfg), checkpoint=Path("step_1"))
+    capped_train = cfg.data.train.model_copy(update={"max_samples": 5})
+    capped = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": capped_train})})
+    with pytest.raises(ResumeError, match=r"data.train.max_samples: '<unset>' -> 5"):
+        check_same_data_order(saved, fingerprint(capped), checkpoint=Path("step_1"))
+
+
+def test_a_mixture_is_part_of_the_fingerprint(cfg):
+    mixed, rows = mixture_of(cfg, max_samples=(6, 4))
+    saved = saved_fingerprint(mixed, rows, 10)
+    assert saved["config"]["data.train[1].max_samples"] == 4
+    assert saved["train_mixture"] == [
+        {"dataset": "data.train[0]", "dataset_name": "squad", "rows": 6},
+        {"dataset": "data.train[1]", "dataset_name": "squad", "rows": 4},
+    ]
+    check_same_data_order(saved, fingerprint(mixed, rows, 10), checkpoint=Path("step_1"))
+    # the same rows read from moved copies resume
+    moved, moved_rows = mixture_of(cfg, max_samples=(6, 4), data_paths=("/x/a", "/x/b"))
+    check_same_data_order(saved, fingerprint(moved, moved_rows, 10), checkpoint=Path("step_1"))
+    # the same ten rows, shared differently between the datasets, do not
+    reshared, reshared_rows = mixture_of(cfg, max_samples=(5, 5))
+    with pytest.raises(ResumeError) as error:
+        check_same_data_order(saved, fingerprint(reshared, reshared_rows, 10), checkpoint=Path("step_1"))
+    text = str(error.value)
+    assert "data.train[0].max_samples: 6 -> 5" in text and "data.train[1].max_samples: 4 -> 5" in text
+    assert "the mixture's rows per dataset" in text
+    # nor does the single dataset the mixture replaced
+    with pytest.raises(ResumeError) as error:
+        check_same_data_order(saved_fingerprint(cfg, ROWS, 10), fingerprint(mixed, rows, 10), checkpoint=Path("s"))
+    assert "data.train.dataset_name: 'squad' -> '<unset>'" in str(error.value)
+    assert "the mixture's rows per dataset: None -> [{'dataset': 'data.train[0]'" in str(error.value)
+
+
 def test_a_changed_chat_template_is_named(cfg):
     saved = saved_fingerprint(cfg, ROWS, 10)
     tokenizer = cfg.policy.tokenizer.model_copy(update={"chat_template": None})

@@ -152,3 +152,30 @@ def test_run_header_names_the_checkpoint_it_is_given_to_resume_from(tmp_path):
     assert "resumes from" not in fresh.getvalue()
     assert str(tmp_path / "elsewhere" / "step_3") in resumed.getvalue()
     assert "1 cuda worker(s)" in fresh.getvalue()
+
+
+def test_run_header_names_every_dataset_of_a_mixture():
+    cfg = MasterConfig.model_validate(
+        {
+            "sft": {"max_num_steps": 5},
+            "policy": {
+                "model_name": "assets/tiny-llama",
+                "tokenizer": {"name": "assets/tiny-llama"},
+                "train_global_batch_size": 4,
+                "train_micro_batch_size": 2,
+                "max_total_sequence_length": 64,
+            },
+            "data": {
+                "max_input_seq_length": 64,
+                "train": [
+                    {"dataset_name": "OpenMathInstruct-2", "max_samples": 1000},
+                    {"dataset_name": "tulu3_sft_mixture"},
+                ],
+                "validation": [{"dataset_name": "squad"}],
+            },
+            "cluster": {"device": "cpu"},
+        }
+    )
+    out = io.StringIO()
+    print_run_header(cfg, device="cpu", resumes_from=None, file=out)
+    assert "OpenMathInstruct-2 (max 1000) + tulu3_sft_mixture (validation: squad)" in out.getvalue()

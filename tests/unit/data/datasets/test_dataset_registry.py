@@ -27,7 +27,17 @@ def data_config(train: dict, validation: dict | None = None) -> DataConfig:
 
 
 def test_registered_names():
-    assert sorted(DATASET_REGISTRY) == ["ResponseDataset", "alpaca", "openai_format", "squad"]
+    assert sorted(DATASET_REGISTRY) == [
+        "GeneralConversationsJsonlDataset",
+        "OpenMathInstruct-2",
+        "ResponseDataset",
+        "alpaca",
+        "open_assistant",
+        "openai_format",
+        "openmathinstruct2",
+        "squad",
+        "tulu3_sft_mixture",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -177,7 +187,7 @@ def test_unknown_name_lists_registered_names():
         "data.validation.dataset_name='sqaud' is not a registered dataset (did you mean 'squad'?)"
     )
     assert (
-        "['ResponseDataset', 'alpaca', 'openai_format', 'squad']" in message
+        str(sorted(DATASET_REGISTRY)) in message
         and "dotted import path" in message
     )
 

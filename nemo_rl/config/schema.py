@@ -390,8 +390,9 @@ class MLflowConfig(Section):
 class SwanlabConfig(Section):
     project: str = "sft-dev"
     name: str | None = None
-    # None: SwanLab's cloud (after `swanlab login`); "local": files under logger.log_dir only
-    mode: Literal["cloud", "local", "offline", "disabled"] | None = None
+    # SwanLab's own: null lets it choose (online after `swanlab login`); "offline" only writes
+    # <run_dir>/swanlog (upload later with `swanlab sync`)
+    mode: Literal["online", "local", "offline", "disabled"] | None = None
 
 
 class GpuMonitoringConfig(Section):

@@ -439,8 +439,9 @@ class ClusterConfig(Section):
     def _no_segments(cls, value: int | None) -> int | None:
         if value is not None:
             raise ValueError(
-                f"segment_size={value} asks for placement by NVLink segment, which this build does "
-                "not do (it places workers node by node); set it to null"
+                f"{value} asks for placement by NVLink segment (groups of nodes sharing an NVLink "
+                "domain, e.g. GB200 NVL72), which this build does not do (it places workers node by "
+                "node); set it to null"
             )
         return value
 

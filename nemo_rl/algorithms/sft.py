@@ -40,8 +40,10 @@ from nemo_rl.distributed.devices import Device
 from nemo_rl.models.lora import describe_parameters
 from nemo_rl.models.policy import Policy
 from nemo_rl.models.policy.interfaces import LossFn
+from nemo_rl.models.policy.optim import check_optimizer_config
 from nemo_rl.utils.checkpoint import CheckpointManager
 from nemo_rl.utils.flops import mfu
+from nemo_rl.utils.hf_config import load_hf_config
 from nemo_rl.utils.gpu_monitor import GpuMonitor, start_gpu_monitor
 from nemo_rl.utils.logger import Logger
 from nemo_rl.utils.preflight import preflight
@@ -94,6 +96,7 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     worker starts), then Ray, then the policy."""
     started_at = time.time()
     device = _resolve_device(cfg)
+    check_import_paths(cfg)
     checkpointer = CheckpointManager(cfg.checkpointing)
     resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
     print_run_header(cfg, config_path, device=device, resumes_from=resumed_from)
@@ -133,6 +136,22 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
         started_at=started_at,
         gpu_monitor=gpu_monitor,
     )
+
+
+def check_import_paths(cfg: MasterConfig) -> None:
+    """The classes and model options the workers would build from the config, resolved here in
+    the driver so that a misspelt one is one ConfigError naming its key, not a worker traceback
+    after Ray has started. (Dataset classes and processors are resolved by load_datasets, also
+    before Ray.)"""
+    policy = cfg.policy
+    try:
+        check_optimizer_config(
+            policy.optimizer, policy.scheduler_entries()[0], scheduler_is_list=isinstance(policy.scheduler, list)
+        )
+        if policy.hf_config_overrides:
+            load_hf_config(policy.model_name, trust_remote_code=policy.trust_remote_code, overrides=policy.hf_config_overrides)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def validate(

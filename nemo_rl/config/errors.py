@@ -158,7 +158,7 @@ def _walk(root: type[BaseModel], loc: Loc) -> _Step:
         part = parts[i]
         parent = tp
         if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(str(part))
+            field = schema_field(tp, str(part))
             tp = field.annotation if field is not None else None
         elif typing.get_origin(tp) in (list, tuple, Sequence):
             args = typing.get_args(tp)
@@ -192,7 +192,7 @@ def field_names_at(root: type[BaseModel], path: Sequence[str]) -> set[str]:
         following: list[Any] = []
         for tp in (t for candidate in current for t in _expand(candidate)):
             if isinstance(tp, type) and issubclass(tp, BaseModel):
-                field = tp.model_fields.get(part)
+                field = schema_field(tp, part)
                 if field is not None:
                     following.append(field.annotation)
             elif typing.get_origin(tp) in (list, tuple, Sequence) and part.isdigit():
@@ -203,8 +203,21 @@ def field_names_at(root: type[BaseModel], path: Sequence[str]) -> set[str]:
     names: set[str] = set()
     for tp in (t for candidate in current for t in _expand(candidate)):
         if isinstance(tp, type) and issubclass(tp, BaseModel):
-            names.update(tp.model_fields)
+            names.update(schema_keys_of(tp))
     return names
+
+
+def schema_keys_of(model: type[BaseModel]) -> set[str]:
+    """The YAML keys of `model`: a field's alias where it has one (`_v2`), else its name."""
+    return {field.alias or name for name, field in model.model_fields.items()}
+
+
+def schema_field(model: type[BaseModel], key: str) -> Any:
+    """The field of `model` that YAML key `key` sets (by alias or by name), or None."""
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
 
 
 # ---------------------------------------------------------------- describing expectations
@@ -293,7 +306,7 @@ def _describe_error(error: dict[str, Any], step: _Step) -> str:
     if kind == "extra_forbidden":
         valid: list[str] = []
         if isinstance(step.parent, type) and issubclass(step.parent, BaseModel):
-            valid = list(step.parent.model_fields)
+            valid = [field.alias or name for name, field in step.parent.model_fields.items()]
         return unknown_key_message(step.clean_loc[-1] if step.clean_loc else "?", valid)
     if kind == "missing":
         expected = describe_type(step.leaf) if step.leaf is not None else "a value"

@@ -80,6 +80,11 @@ class TokenizerConfig(Section):
 
 
 class LoRAConfig(Section):
+    """Which linear layers get an adapter follows NeMo AutoModel's rules (nemo_rl/models/lora.py):
+    `target_modules` given: those; else `match_all_linear`: every linear layer but the output
+    head; else `exclude_modules` given: every linear layer except those; else (all empty):
+    AutoModel's default, `target_modules: ['*_proj']`."""
+
     enabled: bool = False
     target_modules: list[str] = Field(default_factory=list)
     exclude_modules: list[str] = Field(default_factory=list)
@@ -91,18 +96,26 @@ class LoRAConfig(Section):
     lora_A_init: Literal["xavier", "uniform"] = "xavier"
     use_triton: bool = True  # accepted; this build has no fused kernel (logged), never an error
 
-    @model_validator(mode="after")
-    def _selects_something(self) -> LoRAConfig:
-        if self.enabled and not self.target_modules and not self.match_all_linear:
-            raise ValueError(
-                "target_modules is empty and match_all_linear is false, so LoRA would adapt nothing; "
-                "list target_modules (names or patterns like '*_proj') or set match_all_linear=true"
-            )
-        return self
+
+# NeMo AutoModel's from_pretrained options this build honours: `force_hf` asks for the Hugging
+# Face implementation of the model, which is the only one this build has.
+AUTOMODEL_KWARGS_HONOURED = ("force_hf",)
 
 
 class DTensorConfig(Section):
+    # `_v2` is NeMo RL's key; pydantic keeps underscore names private, hence the alias.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True
+    )
+
     enabled: bool = True
+    # NeMo RL's choice between its two DTensor workers; this build has one DTensor worker (with
+    # the v2 features: LoRA, HF-format checkpoints), which both values get.
+    v2: bool = Field(True, alias="_v2")
+    # HSDP: the data-parallel ranks split into dp_replicate_size groups that each hold a full
+    # FSDP-sharded copy. Only 1 (plain FSDP over every rank) for now.
+    dp_replicate_size: int = Field(1, ge=1)
+    automodel_kwargs: dict[str, Any] = Field(default_factory=dict)
     env_vars: dict[str, str] = Field(default_factory=dict)
     cpu_offload: bool = False
     sequence_parallel: bool = False
@@ -123,6 +136,18 @@ class DTensorConfig(Section):
 
     @model_validator(mode="after")
     def _refuse_model_parallel_keys(self) -> DTensorConfig:
+        if self.dp_replicate_size > 1:
+            raise ValueError(
+                f"dp_replicate_size={self.dp_replicate_size} asks for HSDP (replicated FSDP groups), "
+                "which this build does not have yet (it shards every rank with one FSDP2 group); set it to 1"
+            )
+        unsupported = sorted(set(self.automodel_kwargs) - set(AUTOMODEL_KWARGS_HONOURED))
+        if unsupported:
+            raise ValueError(
+                f"automodel_kwargs {unsupported}: NeMo AutoModel's model options (custom kernels and "
+                "backends), which this build does not have: it builds Hugging Face's implementation "
+                f"of the model; only {list(AUTOMODEL_KWARGS_HONOURED)} is accepted. Remove them"
+            )
         # Both belong to tensor parallelism, which this build does not shard with yet: refused
         # rather than accepted and ignored.
         if self.sequence_parallel:
@@ -141,12 +166,20 @@ class DTensorConfig(Section):
 class DynamicBatchingConfig(Section):
     enabled: bool = False
     train_mb_tokens: int | None = Field(None, ge=1)
+    # Token budget of a log-probability pass (RL algorithms); SFT has none, as in NeMo RL.
+    logprob_mb_tokens: int | None = Field(None, ge=1)
     sequence_length_round: int = Field(64, ge=1)
 
 
 class SequencePackingConfig(Section):
     enabled: bool = False
     train_mb_tokens: int | None = Field(None, ge=1)
+    # Token budget of a log-probability pass (RL algorithms); SFT has none, as in NeMo RL.
+    logprob_mb_tokens: int | None = Field(None, ge=1)
+    # The order in which a rank runs its packed micro-batches: as the packer made them, or the
+    # fullest first (the allocator's first, largest request is then reused). The loss is
+    # normalized by the global token count, so the update is the same either way.
+    microbatch_order: Literal["packer", "largest_first"] = "packer"
     algorithm: Literal["first_fit_decreasing", "modified_first_fit_decreasing"] = (
         "modified_first_fit_decreasing"
     )
@@ -190,10 +223,18 @@ SchedulerSpec = Annotated[
 
 
 class MegatronConfig(BaseModel):
-    """Accepted so NeMo RL recipes load; the Megatron backend itself is a GPU-only extra."""
+    """NeMo RL's Megatron-core backend settings. Accepted (unchecked) while `enabled: false`, as
+    NeMo RL's own DTensor recipes carry them; `enabled: true` is refused by PolicyConfig."""
 
     model_config = ConfigDict(extra="allow")
     enabled: bool = False
+
+
+MEGATRON_BACKEND_MISSING = (
+    "policy.megatron_cfg.enabled=true: this is a Megatron-core config, and the Megatron backend is "
+    "not available in this build yet; train with the DTensor backend instead "
+    "(policy.megatron_cfg.enabled=false, policy.dtensor_cfg.enabled=true and a policy.optimizer)"
+)
 
 
 class PolicyConfig(Section):
@@ -209,13 +250,37 @@ class PolicyConfig(Section):
     sequence_packing: SequencePackingConfig = Field(default_factory=SequencePackingConfig)
     make_sequence_length_divisible_by: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    # Set on the model's Hugging Face config before the model is built (e.g. {rope_theta: ...,
+    # max_position_embeddings: ...}); each key must be an attribute the config already has.
+    hf_config_overrides: dict[str, Any] = Field(default_factory=dict)
+    # Offloads the optimizer during a log-probability pass (RL algorithms); SFT has none, as in
+    # NeMo RL, where SFT also leaves it unused.
+    offload_optimizer_for_logprob: bool = False
+    # null only in Megatron configs, whose optimizer lives in megatron_cfg (refused below).
+    optimizer: OptimizerConfig | None = Field(default_factory=OptimizerConfig)
     # NeMo RL's form: a list of {name, kwargs} entries followed by one {milestones: [...]}.
     scheduler: SchedulerSpec | None = None
     megatron_cfg: MegatronConfig = Field(default_factory=MegatronConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_megatron_backend(cls, data: Any) -> Any:
+        # Before field validation, so that a Megatron config gets this one reason and not the
+        # errors of the DTensor keys it leaves out (policy.optimizer: null, ...).
+        if isinstance(data, dict):
+            megatron = data.get("megatron_cfg")
+            if isinstance(megatron, dict) and megatron.get("enabled") in (True, "true", "True"):
+                raise ValueError(MEGATRON_BACKEND_MISSING)
+        return data
+
     @model_validator(mode="after")
     def _check_consistency(self) -> PolicyConfig:
+        if self.optimizer is None:
+            raise ValueError(
+                "policy.optimizer is null, which only a Megatron config may leave (its optimizer is "
+                "policy.megatron_cfg.optimizer); the DTensor backend needs {name: torch.optim.AdamW, "
+                "kwargs: {...}}"
+            )
         if self.train_global_batch_size % self.train_micro_batch_size:
             raise ValueError(
                 f"policy.train_global_batch_size={self.train_global_batch_size} must be a multiple "
@@ -234,11 +299,6 @@ class PolicyConfig(Section):
                     f"policy.max_total_sequence_length={self.max_total_sequence_length}: the longest "
                     "sample would fit no micro-batch"
                 )
-        if self.megatron_cfg.enabled:
-            raise ValueError(
-                "policy.megatron_cfg.enabled=true: the Megatron-core backend is not available in "
-                "this build; use policy.dtensor_cfg.enabled=true"
-            )
         if not self.dtensor_cfg.enabled:
             raise ValueError(
                 "policy.dtensor_cfg.enabled=false leaves no training backend; set it to true"
@@ -338,6 +398,14 @@ class MLflowConfig(Section):
     tracking_uri: str | None = None  # None: a local file store under logger.log_dir
 
 
+class SwanlabConfig(Section):
+    project: str = "sft-dev"
+    name: str | None = None
+    # SwanLab's own: null lets it choose (online after `swanlab login`); "offline" only writes
+    # <run_dir>/swanlog (upload later with `swanlab sync`)
+    mode: Literal["online", "local", "offline", "disabled"] | None = None
+
+
 class GpuMonitoringConfig(Section):
     """How often `logger.monitor_gpus` samples the GPUs, and how often it hands them to the logs."""
 
@@ -350,6 +418,7 @@ class LoggerConfig(Section):
     wandb_enabled: bool = False
     tensorboard_enabled: bool = False
     mlflow_enabled: bool = False
+    swanlab_enabled: bool = False  # needs the optional extra: `uv sync --extra swanlab`
     # GPU utilisation and memory of every GPU node, sampled into the logs (system/node_<i>/gpu_<j>/...)
     monitor_gpus: bool = True
     # at each validation, print the first N validation samples: prompt, target, greedy continuation
@@ -357,6 +426,7 @@ class LoggerConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     tensorboard: TensorboardConfig = Field(default_factory=TensorboardConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    swanlab: SwanlabConfig = Field(default_factory=SwanlabConfig)
     gpu_monitoring: GpuMonitoringConfig = Field(default_factory=GpuMonitoringConfig)
 
 
@@ -371,6 +441,20 @@ class ClusterConfig(Section):
     # When a worker process dies: restart the workers from the last checkpoint up to this many
     # times per run; 0: stop with an error that says which checkpoint a resume would use.
     max_restarts: int = Field(0, ge=0)
+    # NeMo RL: nodes per NVLink domain (e.g. GB200 NVL72), so that placement keeps a model-parallel
+    # group inside one. Only null: this build places workers per node.
+    segment_size: int | None = Field(None, ge=1)
+
+    @field_validator("segment_size")
+    @classmethod
+    def _no_segments(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError(
+                f"{value} asks for placement by NVLink segment (groups of nodes sharing an NVLink "
+                "domain, e.g. GB200 NVL72), which this build does not do (it places workers node by "
+                "node); set it to null"
+            )
+        return value
 
     def workers_per_node(self, device: Literal["cuda", "cpu"]) -> int:
         """Workers per node on `device` (`device: auto` is resolved by the cluster layer, where

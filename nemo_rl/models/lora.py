@@ -13,16 +13,21 @@ adds `<module>.lora_A.weight` [dim, in] and `<module>.lora_B.weight` [out, dim].
 the same tensors `base_model.model.<module>.lora_A.weight`, which is all `save_peft_adapter`
 changes.
 
-Which modules are targeted (`select_lora_targets`; docs/lora.md has the user's version):
+Which modules are targeted (`select_lora_targets`; docs/lora.md has the user's version). The
+rules are NeMo AutoModel's (its ModuleMatcher, which NeMo RL uses), which decide in this order:
   1. the candidates are the model's `nn.Linear` modules;
   2. `target_modules` non-empty: the candidates matching any of its patterns
      (`match_all_linear` is then ignored); each pattern must match at least one candidate;
-     `target_modules` empty and `match_all_linear`: every candidate except the output head
+  3. else `match_all_linear`: every candidate except the output head
      (`model.get_output_embeddings()`, e.g. lm_head);
-  3. minus those matching, or inside a module matching, any `exclude_modules` pattern
+  4. else `exclude_modules` non-empty: every candidate, the output head included;
+  5. else (all empty, `match_all_linear: false`): AutoModel's default, `target_modules: ['*_proj']`;
+  6. minus those matching, or inside a module matching, any `exclude_modules` pattern
      (`mlp` excludes every linear of every MLP; each pattern must match some module);
-  4. an empty result, or a target whose weight is shared with another module (a tied
+  7. an empty result, or a target whose weight is shared with another module (a tied
      lm_head), is an error.
+Where AutoModel refuses (target_modules with exclude_modules or with match_all_linear) this
+build combines them as above.
 A pattern matches a module when it equals, or (with `*`, `?`, `[...]`) fnmatch-matches,
 the module's full name or any dotted suffix of it: `q_proj`, `self_attn.q_proj`, `*_proj`,
 `*.layers.0.*.q_proj`, `layers.1[0-5].mlp.*`. `*` also matches dots.
@@ -51,6 +56,8 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# What NeMo AutoModel adapts when target_modules, exclude_modules and match_all_linear are all unset.
+AUTOMODEL_DEFAULT_TARGETS = ("*_proj",)
 
 
 class LoRALinear(nn.Module):
@@ -154,19 +161,29 @@ def linear_module_names(model: nn.Module) -> list[str]:
 def select_lora_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """The full names of the linear modules `cfg` targets, in model order (rules: module doc)."""
     linear = linear_module_names(model)
-    if cfg.target_modules:
-        for pattern in cfg.target_modules:
+    target_modules = cfg.target_modules
+    if not target_modules and not cfg.match_all_linear and not cfg.exclude_modules:
+        target_modules = list(AUTOMODEL_DEFAULT_TARGETS)
+    if target_modules:
+        why = "" if cfg.target_modules else (
+            " (with target_modules and exclude_modules empty and match_all_linear false, LoRA adapts "
+            f"{list(AUTOMODEL_DEFAULT_TARGETS)}, as NeMo AutoModel does)"
+        )
+        for pattern in target_modules:
             if not any(pattern_matches(pattern, name) for name in linear):
                 raise ValueError(
                     f"{CONFIG_KEY}.target_modules: {pattern!r} matches no linear layer of "
-                    f"{type(model).__name__}. {_linear_names_hint(linear)}"
+                    f"{type(model).__name__}{why}. {_linear_names_hint(linear)}"
                 )
-        selected = [n for n in linear if any(pattern_matches(p, n) for p in cfg.target_modules)]
-        how = f"target_modules={cfg.target_modules}"
-    else:  # match_all_linear: LoRAConfig refuses an empty target_modules without it
+        selected = [n for n in linear if any(pattern_matches(p, n) for p in target_modules)]
+        how = f"target_modules={target_modules}"
+    elif cfg.match_all_linear:
         head = _output_head_name(model)
         selected = [n for n in linear if n != head]
         how = f"match_all_linear (all linear layers but the output head {head!r})"
+    else:
+        selected = list(linear)
+        how = "match_all_linear=false with exclude_modules only (all linear layers)"
 
     all_names = [name for name, _ in model.named_modules() if name]
     for pattern in cfg.exclude_modules:

@@ -1,4 +1,4 @@
-"""Metric logging: a JSONL file always; TensorBoard, W&B and MLflow when enabled.
+"""Metric logging: a JSONL file always; TensorBoard, W&B, MLflow and SwanLab when enabled.
 
 Each run gets its own directory `<logger.log_dir>/exp_<NNN>/` (the next free number, as
 in NeMo RL), exposed as `Logger.run_dir`; nothing from an earlier run is overwritten.
@@ -10,6 +10,7 @@ in NeMo RL), exposed as `Logger.run_dir`; nothing from an earlier run is overwri
     <run_dir>/<tensorboard.log_dir>/   TensorBoard event files
     <run_dir>/wandb/           W&B run files (online or WANDB_MODE=offline)
     <run_dir>/mlruns/          MLflow store when mlflow.tracking_uri is unset
+    <run_dir>/swanlog/         SwanLab's files (logger.swanlab_enabled)
     <run_dir>/loss_curve.png   train and validation loss vs step, written by finish()
 
 Backends are imported only when enabled. See docs/logging.md.
@@ -103,6 +104,10 @@ class Logger:
         if cfg.mlflow_enabled:
             self._mlflow = _MLflowRun(cfg, self.run_dir)
 
+        self._swanlab = None
+        if cfg.swanlab_enabled:
+            self._swanlab = _start_swanlab_run(cfg, self.run_dir, _plain(run_config) if run_config else None)
+
         if run_config is not None:
             self.log_hyperparams(run_config)
 
@@ -152,6 +157,8 @@ class Logger:
             self._wandb_run.log(values, step=step)
         if self._mlflow is not None:
             self._mlflow.log_metrics(values, step)
+        if self._swanlab is not None:
+            self._swanlab.log(values, step=step)
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         """Write `<run_dir>/config.yaml` and hand the config to the enabled backends."""
@@ -187,6 +194,8 @@ class Logger:
             self._wandb_run.finish()
         if self._mlflow is not None:
             self._mlflow.finish()
+        if self._swanlab is not None:
+            self._swanlab.finish()
         self._loss_curve = plot_loss_curve(self.metrics_path, self.run_dir / LOSS_CURVE_FILE)
         return self._loss_curve
 
@@ -293,6 +302,28 @@ class _MLflowRun:
 
     def finish(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+# ---------------------------------------------------------------- SwanLab
+
+
+def _start_swanlab_run(cfg: LoggerConfig, run_dir: Path, config: dict | None) -> Any:
+    """A SwanLab run (`.log(values, step=)`, `.finish()`), its files under <run_dir>/swanlog."""
+    try:
+        import swanlab
+    except ImportError:
+        raise ImportError(
+            "logger.swanlab_enabled=true but swanlab is not installed; install the extra "
+            "with `uv sync --extra swanlab`, or set logger.swanlab_enabled=false"
+        ) from None
+    return swanlab.init(
+        project=cfg.swanlab.project,
+        name=cfg.swanlab.name or run_dir.name,
+        log_dir=str(run_dir / "swanlog"),
+        mode=cfg.swanlab.mode,
+        config=config,
+        reinit=True,
+    )
 
 
 # ---------------------------------------------------------------- helpers

@@ -22,8 +22,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nemo_rl.config.schema import MasterConfig
+from nemo_rl.utils.hf_config import load_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,11 @@ def preflight(cfg: MasterConfig, *, num_params: int | None = None) -> None:
         return
     if num_params is None:
         try:
-            num_params = count_parameters(cfg.policy.model_name, trust_remote_code=cfg.policy.trust_remote_code)
+            num_params = count_parameters(
+                cfg.policy.model_name,
+                trust_remote_code=cfg.policy.trust_remote_code,
+                config_overrides=cfg.policy.hf_config_overrides,
+            )
         except Exception as error:  # e.g. an unusual architecture; the workers will report real problems
             log.warning("preflight: could not count the parameters of %s (%s); free space not checked", cfg.policy.model_name, error)
             return
@@ -127,12 +133,14 @@ def estimate_checkpoint_bytes(
     )
 
 
-def count_parameters(model_name: str, *, trust_remote_code: bool = False) -> int:
+def count_parameters(
+    model_name: str, *, trust_remote_code: bool = False, config_overrides: dict[str, Any] | None = None
+) -> int:
     """Parameters of `model_name` (tied weights once), from a weightless meta-device copy."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    config = load_hf_config(model_name, trust_remote_code=trust_remote_code, overrides=config_overrides)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())

@@ -54,6 +54,8 @@ class MicroBatchPlan:
     length_multiple: int = 1
     token_budget: int | None = None
     packing_algorithm: str | None = None
+    # policy.sequence_packing.microbatch_order: "largest_first" runs the fullest packed row first
+    largest_first: bool = False
 
     @classmethod
     def for_training(cls, cfg: PolicyConfig) -> MicroBatchPlan:
@@ -77,6 +79,7 @@ class MicroBatchPlan:
             length_multiple=math.lcm(section.sequence_length_round, cfg.make_sequence_length_divisible_by),
             token_budget=budget,
             packing_algorithm=cfg.sequence_packing.algorithm if cfg.sequence_packing.enabled else None,
+            largest_first=cfg.sequence_packing.enabled and cfg.sequence_packing.microbatch_order == "largest_first",
         )
 
 
@@ -184,6 +187,8 @@ def token_budget_micro_batches(
     else:
         groups = dynamic_batch_groups(lengths, budget, multiple)
     groups = spread_to_count(groups, lengths, max_over_ranks(max(1, len(groups))))
+    if plan.largest_first:  # stable: equal rows keep the packer's order; fillers (0 tokens) go last
+        groups = sorted(groups, key=lambda group: -sum(lengths[i] for i in group))
     micro_batches = []
     for group in groups:
         rows = [kept[i] for i in group]

@@ -17,12 +17,14 @@ stepped once per optimizer step.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, SequentialLR
 
+from nemo_rl.config.errors import closest
 from nemo_rl.config.schema import OptimizerConfig, SchedulerEntry
 
 
@@ -68,3 +70,56 @@ def build_scheduler(
     if len(schedulers) == 1:
         return schedulers[0]
     return SequentialLR(optimizer, schedulers, milestones=milestones)
+
+
+# ---------------------------------------------------------------- checked in the driver
+
+
+def check_optimizer_config(
+    optimizer: OptimizerConfig, entries: list[SchedulerEntry], *, scheduler_is_list: bool = True
+) -> None:
+    """Imports the configured optimizer and scheduler classes and binds their kwargs to the
+    constructors' signatures, so that a misspelt class or argument fails in the driver, with
+    the key, before any worker starts. Raises ValueError (one line)."""
+    optimizer_cls = import_dotted(optimizer.name, config_key="policy.optimizer.name")
+    _bind(optimizer_cls, optimizer.kwargs, key="policy.optimizer", name=optimizer.name, first="params")
+    for i, entry in enumerate(entries):
+        key = f"policy.scheduler[{i}]" if scheduler_is_list else "policy.scheduler"
+        scheduler_cls = import_dotted(entry.name, config_key=f"{key}.name")
+        _bind(scheduler_cls, entry.kwargs, key=key, name=entry.name, first="optimizer")
+    # torch's own classes check their values at construction: try them on a stand-in parameter.
+    if optimizer.name.startswith("torch.optim."):
+        stand_in = [torch.nn.Parameter(torch.zeros(1))]
+        try:
+            built = optimizer_cls(stand_in, **optimizer.kwargs)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"policy.optimizer: {optimizer.name}(**{optimizer.kwargs}) failed: {exc}") from None
+        for i, entry in enumerate(entries):
+            if entry.name.startswith("torch.optim."):
+                try:
+                    import_dotted(entry.name, config_key="")(built, **entry.kwargs)
+                except (ValueError, TypeError) as exc:
+                    key = f"policy.scheduler[{i}]" if scheduler_is_list else "policy.scheduler"
+                    raise ValueError(f"{key}: {entry.name}(**{entry.kwargs}) failed: {exc}") from None
+
+
+def _bind(cls: Any, kwargs: dict[str, Any], *, key: str, name: str, first: str) -> None:
+    if not callable(cls):
+        raise ValueError(f"{key}.name={name!r} is a {type(cls).__name__}, not a class")
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # some C-implemented classes hide their signature
+        return
+    accepted = [p for p in signature.parameters if p not in (first, "self")]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    unknown = [k for k in kwargs if k not in signature.parameters or k == first]
+    if unknown and not takes_any:
+        close = closest(unknown[0], accepted)
+        hint = f" (did you mean {close!r}?)" if close else ""
+        raise ValueError(
+            f"{key}.kwargs.{unknown[0]}: {name} takes no argument {unknown[0]!r}{hint}; its arguments: {accepted}"
+        )
+    try:
+        signature.bind(object(), **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{key}.kwargs: {name}(**{dict(kwargs)}): {exc}; its arguments: {accepted}") from None

@@ -81,3 +81,52 @@ def test_validating_a_config_imports_no_torch():
         "assert 'torch' not in sys.modules, 'validating a config imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# Each wrong dotted path or constructor argument is one ConfigError naming the key, raised by
+# setup before the data is read (a DataError would follow) and before Ray starts.
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"optimizer": {"name": "torch.optim.AdamWW"}}, "policy.optimizer.name='torch.optim.AdamWW': module 'torch.optim' has no attribute 'AdamWW'"),
+        ({"optimizer": {"name": "torch.optimx.AdamW"}}, "policy.optimizer.name='torch.optimx.AdamW': cannot import module 'torch.optimx'"),
+        ({"optimizer": {"name": "AdamW"}}, "policy.optimizer.name='AdamW' is not a dotted path"),
+        ({"optimizer": {"name": "torch.optim.AdamW", "kwargs": {"lrr": 1e-5}}}, "policy.optimizer.kwargs.lrr: torch.optim.AdamW takes no argument 'lrr' (did you mean 'lr'?)"),
+        ({"optimizer": {"name": "torch.optim.AdamW", "kwargs": {"lr": -1.0}}}, "policy.optimizer: torch.optim.AdamW(**{'lr': -1.0}) failed: Invalid learning rate: -1.0"),
+        (
+            {"scheduler": [{"name": "torch.optim.lr_scheduler.LinearLR", "kwargs": {"start_factr": 0.1}}]},
+            "policy.scheduler[0].kwargs.start_factr: torch.optim.lr_scheduler.LinearLR takes no argument 'start_factr'",
+        ),
+        (
+            {"scheduler": {"name": "torch.optim.lr_scheduler.CosineAnnealingLR"}},
+            "policy.scheduler.kwargs: torch.optim.lr_scheduler.CosineAnnealingLR(**{}): missing a required argument: 'T_max'",
+        ),
+        (
+            {"scheduler": [{"name": "torch.optim.lr_scheduler.LinearLR"}, {"name": "torch.optim.lr_scheduler.Cosine"}, {"milestones": [2]}]},
+            "policy.scheduler[1].name='torch.optim.lr_scheduler.Cosine': module 'torch.optim.lr_scheduler' has no attribute 'Cosine'",
+        ),
+        ({"hf_config_overrides": {"rope_thetaa": 1.0}}, "policy.hf_config_overrides.rope_thetaa: LlamaConfig has no attribute 'rope_thetaa'"),
+    ],
+)
+def test_a_wrong_class_or_argument_is_one_line_naming_the_key_before_data_or_ray(tmp_path, monkeypatch, policy, message):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sft, "init_ray", lambda **_: pytest.fail("Ray started"))
+    with pytest.raises(ConfigError) as error:
+        sft.setup(_config(tmp_path, policy=policy))
+    assert str(error.value) == message or str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_valid_classes_arguments_and_overrides_pass_the_check(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = _config(tmp_path, policy={
+        "optimizer": {"name": "torch.optim.SGD", "kwargs": {"lr": 0.1, "momentum": 0.9}},
+        "scheduler": [
+            {"name": "torch.optim.lr_scheduler.LinearLR", "kwargs": {"start_factor": 0.1, "total_iters": 2}},
+            {"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {"factor": 1.0}},
+            {"milestones": [2]},
+        ],
+        "hf_config_overrides": {"max_position_embeddings": 4096},
+    })
+    with pytest.raises(DataError):  # past the check: the data path does not exist
+        sft.setup(cfg)

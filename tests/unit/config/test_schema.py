@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -102,3 +104,37 @@ def test_gpu_monitoring_takes_nemo_rl_keys_with_positive_intervals():
         LoggerConfig.model_validate({"gpu_monitoring": {"flush_interval": 0}})
     with pytest.raises(ValidationError, match="gpu_monitoring.sample_every"):
         LoggerConfig.model_validate({"gpu_monitoring": {"sample_every": 3}})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"dtensor_cfg": {"dp_replicate_size": 0}}, "greater than or equal to 1"),
+        ({"dtensor_cfg": {"dp_replicate_size": 2}}, "asks for HSDP"),
+        ({"dtensor_cfg": {"automodel_kwargs": {"backend": {"attn": "te"}}}}, "automodel_kwargs ['backend']"),
+        ({"sequence_packing": {"microbatch_order": "smallest_first"}}, "'packer' or 'largest_first'"),
+        ({"dynamic_batching": {"logprob_mb_tokens": 0}}, "greater than or equal to 1"),
+        ({"optimizer": None}, "policy.optimizer is null"),
+    ],
+)
+def test_nemo_rl_policy_keys_refuse_what_this_build_does_not_do(changes, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        policy(**changes)
+
+
+def test_nemo_rl_policy_keys_at_their_defaults_change_nothing():
+    default = policy()
+    spelled_out = policy(
+        dtensor_cfg={"_v2": True, "dp_replicate_size": 1, "automodel_kwargs": {}},
+        sequence_packing={"microbatch_order": "packer"},
+        offload_optimizer_for_logprob=False,
+        hf_config_overrides={},
+    )
+    assert spelled_out == default
+
+
+def test_megatron_config_is_refused_for_its_backend_before_its_other_keys():
+    with pytest.raises(ValidationError) as error:
+        policy(megatron_cfg={"enabled": True, "tensor_model_parallel_size": 2}, optimizer=None, dtensor_cfg={"enabled": False})
+    (only,) = error.value.errors()
+    assert "the Megatron backend is not available" in only["msg"]

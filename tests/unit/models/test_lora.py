@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from pydantic import ValidationError
 from safetensors import safe_open
 from tests.unit.models.policy.policy_test_utils import VOCAB, save_tiny_llama
 from torch import nn
@@ -126,10 +125,34 @@ def test_selection_errors_name_the_pattern_and_existing_modules(model_dirs, lora
         assert "'down_proj'" in str(error.value)  # the short names that exist
 
 
-def test_config_that_selects_nothing_fails_validation():
-    with pytest.raises(ValidationError, match="match_all_linear is false"):
-        LoRAConfig(enabled=True, target_modules=[], match_all_linear=False)
-    LoRAConfig(enabled=False, match_all_linear=False)  # fine while LoRA is off
+# NeMo AutoModel's ModuleMatcher, which NeMo RL uses, with match_all_linear false:
+#   exclude_modules only -> every linear layer (the output head included) except those excluded;
+#   nothing given        -> target_modules ['*_proj'].
+def test_exclude_only_without_match_all_linear_adapts_every_other_linear_layer(model_dirs):
+    cfg = LoRAConfig(enabled=True, match_all_linear=False, exclude_modules=["*.layers.1.*", "down_proj"])
+    targets = select_lora_targets(_load(model_dirs["untied"]), cfg)
+    assert set(targets) == _names(layers=(0,), mlp=("gate_proj", "up_proj")) | {"lm_head"}
+    # a tied head cannot carry its own adapter: the error says to exclude it
+    with pytest.raises(ValueError, match=re.escape("'lm_head' shares its weight with 'model.embed_tokens'")):
+        select_lora_targets(_load(model_dirs["tied"]), cfg)
+    tied_cfg = LoRAConfig(enabled=True, match_all_linear=False, exclude_modules=["lm_head", "mlp"])
+    assert set(select_lora_targets(_load(model_dirs["tied"]), tied_cfg)) == _names(mlp=())
+
+
+def test_nothing_selected_means_automodels_default_of_every_proj_layer(model_dirs):
+    cfg = LoRAConfig(enabled=True, match_all_linear=False)
+    assert set(select_lora_targets(_load(model_dirs["untied"]), cfg)) == _names()  # not lm_head
+
+
+def test_automodels_default_on_a_model_without_proj_layers_says_where_the_pattern_came_from():
+    class NoProjections(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match=re.escape("'*_proj' matches no linear layer")) as error:
+        select_lora_targets(NoProjections(), LoRAConfig(enabled=True, match_all_linear=False))
+    assert "as NeMo AutoModel does" in str(error.value)
 
 
 # ---------------------------------------------------------------- applying it

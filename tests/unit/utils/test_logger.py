@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from nemo_rl.config.schema import LoggerConfig
 from nemo_rl.utils.logger import Logger, get_next_experiment_dir, read_metrics
@@ -154,3 +155,27 @@ def test_mlflow_local_store(tmp_path):
     history = client.get_metric_history(logger._mlflow.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.5), (2, 2.0)]
     assert client.get_run(logger._mlflow.run_id).data.params == {"sft.seed": "1"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("swanlab") is not None, reason="swanlab is installed")
+def test_swanlab_missing_says_how_to_install(tmp_path):
+    with pytest.raises(ImportError, match="uv sync --extra swanlab"):
+        make_logger(tmp_path, swanlab_enabled=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("swanlab") is None, reason="swanlab extra not installed")
+def test_swanlab_offline_run_gets_the_config_and_metrics(tmp_path):
+    logger = make_logger(
+        tmp_path,
+        run_config={"sft": {"seed": 1}},
+        swanlab_enabled=True,
+        swanlab={"project": "p", "name": "sft-test", "mode": "offline"},
+    )
+    logger.log_metrics({"loss": 1.5}, step=1, prefix="train")
+    logger.log_metrics({"loss": 1.25}, step=2, prefix="train")
+    logger.finish()
+    (run,) = (logger.run_dir / "swanlog").glob("run-*")
+    config = yaml.safe_load((run / "files" / "config.yaml").read_text())
+    assert config["sft"]["value"] == {"seed": 1}
+    (records,) = run.glob("run-*.swanlab")
+    assert b"train/loss" in records.read_bytes()

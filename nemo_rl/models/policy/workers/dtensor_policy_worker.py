@@ -56,6 +56,7 @@ from nemo_rl.models.policy.interfaces import LossFn, LossResult
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
 from nemo_rl.utils.flops import device_peak_flops, training_flops
+from nemo_rl.utils.hf_config import load_hf_config
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
 RNG_FILE = "rng_rank{rank}.pt"  # in optimizer_path, one per rank (dropout streams)
@@ -83,6 +84,7 @@ class DTensorPolicyWorker:
             trust_remote_code=policy_cfg.trust_remote_code,
             dtype=torch.float32,
             **_attention_kwargs(policy_cfg.dtensor_cfg.attn_implementation),
+            **_config_override_kwargs(policy_cfg),
         )
         lora_cfg = policy_cfg.dtensor_cfg.lora_cfg
         self.lora_targets = apply_lora(model, lora_cfg) if lora_cfg.enabled else []
@@ -346,6 +348,19 @@ class DTensorPolicyWorker:
 
 def _attention_kwargs(attn_implementation: str | None) -> dict[str, str]:
     return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def _config_override_kwargs(policy_cfg: PolicyConfig) -> dict[str, Any]:
+    """`config=` with `policy.hf_config_overrides` applied, or nothing when there are none (the
+    model then loads exactly as before)."""
+    if not policy_cfg.hf_config_overrides:
+        return {}
+    config = load_hf_config(
+        policy_cfg.model_name,
+        trust_remote_code=policy_cfg.trust_remote_code,
+        overrides=policy_cfg.hf_config_overrides,
+    )
+    return {"config": config}
 
 
 def _token_ids(value: int | list[int] | None) -> list[int]:

@@ -57,6 +57,7 @@ PACKING = dict(sequence_packing={"enabled": True, "train_mb_tokens": 48, "sequen
 PACKING_FFD = dict(
     sequence_packing={"enabled": True, "train_mb_tokens": 64, "algorithm": "first_fit_decreasing", "sequence_length_round": 1}
 )
+PACKING_LARGEST_FIRST = dict(sequence_packing={**PACKING["sequence_packing"], "microbatch_order": "largest_first"})
 DYNAMIC = dict(dynamic_batching={"enabled": True, "train_mb_tokens": 64, "sequence_length_round": 8})
 
 
@@ -111,6 +112,21 @@ def test_more_micro_batches_than_samples_adds_fillers_that_carry_no_loss():
 # ---------------------------------------------------------------- one plan per call
 
 
+def _real_tokens(mb: BatchedDataDict) -> int:
+    return int((mb["input_ids"] != 0).sum())
+
+
+def test_largest_first_runs_the_packers_rows_fullest_first():
+    batch = _mixed_batch()
+    packer = token_budget_micro_batches(batch, _train_plan(**PACKING), max_over_ranks=lambda n: n + 1)
+    largest = token_budget_micro_batches(batch, _train_plan(**PACKING_LARGEST_FIRST), max_over_ranks=lambda n: n + 1)
+    packer_tokens = [_real_tokens(mb) for mb in packer]
+    assert packer_tokens != sorted(packer_tokens, reverse=True)  # the case is not already ordered
+    assert [_real_tokens(mb) for mb in largest] == sorted(packer_tokens, reverse=True)
+    # the same rows, reordered
+    assert sorted(mb["input_ids"].tolist() for mb in largest) == sorted(mb["input_ids"].tolist() for mb in packer)
+
+
 def test_training_plan_reads_the_policy_section():
     assert _train_plan(train_micro_batch_size=2) == MicroBatchPlan(2, length_multiple=1)
     assert _train_plan(**PACKING) == MicroBatchPlan(1, length_multiple=8, token_budget=48, packing_algorithm="modified_first_fit_decreasing")
@@ -158,7 +174,9 @@ def _loss_and_grads(model, micro_batches, global_tokens, *, chunked: bool):
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked"])
-@pytest.mark.parametrize("mode", [PACKING, PACKING_FFD, DYNAMIC], ids=["mffd", "ffd", "dynamic"])
+@pytest.mark.parametrize(
+    "mode", [PACKING, PACKING_FFD, PACKING_LARGEST_FIRST, DYNAMIC], ids=["mffd", "ffd", "largest_first", "dynamic"]
+)
 def test_packed_and_dynamic_micro_batches_give_the_plain_loss_and_gradients(model, mode, chunked):
     batch = _mixed_batch(1)
     global_tokens = count_valid_tokens(batch)

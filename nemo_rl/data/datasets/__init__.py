@@ -27,6 +27,7 @@ from typing import Any
 from nemo_rl.config.schema import DataConfig, DatasetConfig
 from nemo_rl.data.datasets.alpaca import AlpacaDataset
 from nemo_rl.data.datasets.common import split_train_validation
+from nemo_rl.data.datasets.multiple_choice import MultipleChoiceDataset
 from nemo_rl.data.datasets.openai_format import OpenAIFormatDataset
 from nemo_rl.data.datasets.preserving import PreservingDataset
 from nemo_rl.data.datasets.response_dataset import ResponseDataset
@@ -38,6 +39,7 @@ DATASET_REGISTRY: dict[str, type] = {
     "ResponseDataset": ResponseDataset,
     "openai_format": OpenAIFormatDataset,
     "alpaca": AlpacaDataset,
+    "multiple_choice": MultipleChoiceDataset,
 }
 
 # Fields that select or post-process a dataset rather than configure its class. The loader applies
@@ -49,6 +51,7 @@ _APPLIED_BY_LOADER = ("split_validation_size", "seed", "prompt_file", "system_pr
 __all__ = [
     "DATASET_REGISTRY",
     "AlpacaDataset",
+    "MultipleChoiceDataset",
     "OpenAIFormatDataset",
     "PreservingDataset",
     "ResponseDataset",

@@ -19,10 +19,11 @@ from nemo_rl.config import ConfigError, parse_run_args  # noqa: E402
 from nemo_rl.config.eval_schema import EvalMasterConfig  # noqa: E402
 from nemo_rl.data import DataError  # noqa: E402
 from nemo_rl.distributed import ClusterResourceError, WorkerError  # noqa: E402
+from nemo_rl.models.generation import GenerationBackendError  # noqa: E402
 from nemo_rl.utils.errors import exit_on_user_error  # noqa: E402
 
 # What a user fixes in their config, data, checkpoint or environment; anything else keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ClusterResourceError, WorkerError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (ConfigError, DataError, ClusterResourceError, WorkerError, FileNotFoundError, GenerationBackendError)
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "eval.yaml")
 
 

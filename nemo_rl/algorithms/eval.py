@@ -216,18 +216,24 @@ def run_evaluation(cfg: EvalMasterConfig) -> dict[str, Any]:
 
     from nemo_rl.data.tokenizer import get_tokenizer
     from nemo_rl.distributed import RayVirtualCluster, init_ray, resolve_device
-    from nemo_rl.models.generation import GenerationWorkers
+    from nemo_rl.models.generation import GenerationBackendError, GenerationWorkers
+    from nemo_rl.models.generation.loading import is_local_path
     from nemo_rl.models.generation.workers import worker_class
     from nemo_rl.utils.progress import ProgressReporter
 
-    worker_class(cfg.generation.backend)  # vllm without its package is refused before anything starts
+    # Everything a user fixes is checked before Ray starts.
+    worker_class(cfg.generation.backend)  # vllm without its package is refused here
+    device = resolve_device(cfg.cluster.device)
+    if cfg.generation.backend == "vllm" and device != "cuda":
+        raise GenerationBackendError(f"generation.backend=vllm needs GPUs; cluster.device resolves to {device}: use generation.backend=hf")
     model = cfg.generation.model_name
-    if model.startswith((".", "/")) or os.sep in model and not os.path.exists(model):
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"generation.model_name={model!r}: no such directory (working directory: {os.getcwd()})")
+    if is_local_path(model) and not os.path.isdir(model):
+        raise FileNotFoundError(
+            f"generation.model_name={model!r}: no such directory (working directory: {os.getcwd()}); the "
+            "quickstart's checkpoint is made by `uv run examples/run_sft.py --config configs/sft_tiny.yaml`"
+        )
     tokenizer = get_tokenizer(cfg.tokenizer)
     samples = load_eval_samples(cfg.data, cfg.eval)
-    device = resolve_device(cfg.cluster.device)
     init_ray()
     cluster = RayVirtualCluster(cfg.cluster.num_nodes, cfg.cluster.workers_per_node(device), use_gpus=device == "cuda")
     try:

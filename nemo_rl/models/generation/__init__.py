@@ -7,7 +7,7 @@
 See docs/eval.md.
 """
 
-from nemo_rl.models.generation.interfaces import GenerationOutput, cut_at_stop
+from nemo_rl.models.generation.interfaces import GenerationBackendError, GenerationOutput, cut_at_stop
 from nemo_rl.models.generation.workers import GenerationWorkers, contiguous_shards
 
-__all__ = ["GenerationOutput", "GenerationWorkers", "contiguous_shards", "cut_at_stop"]
+__all__ = ["GenerationBackendError", "GenerationOutput", "GenerationWorkers", "contiguous_shards", "cut_at_stop"]

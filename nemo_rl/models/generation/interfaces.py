@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+class GenerationBackendError(RuntimeError):
+    """The chosen generation backend cannot run here (its package or its device is missing)."""
+
+
 @dataclass
 class GenerationOutput:
     token_ids: list[int]  # the new tokens, up to and including a stop token when one ended it

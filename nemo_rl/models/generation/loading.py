@@ -18,6 +18,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 CLI_NAMES = {"checkpoint": "--checkpoint", "base_model": "--base-model"}
 
 
+def is_local_path(name: str) -> bool:
+    """Whether `name` means a local directory rather than a Hub id ("org/model"): it exists, or
+    it starts with "." or "/", or it has more than one "/"."""
+    return os.path.exists(name) or name.startswith((".", "/")) or name.count("/") > 1
+
+
 def is_adapter_dir(checkpoint: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint, ADAPTER_CONFIG))
 
@@ -44,7 +50,7 @@ def load_generation_model(
     """(model in eval mode on `device`, base model path or None, description)."""
     from transformers import AutoModelForCausalLM
 
-    local = checkpoint.startswith((".", "/")) or os.path.exists(checkpoint)
+    local = is_local_path(checkpoint)
     if local and not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"{names['checkpoint']} {checkpoint}: no such directory")
     if local and is_adapter_dir(checkpoint):

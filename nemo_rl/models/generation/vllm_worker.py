@@ -13,7 +13,7 @@ import os
 
 from nemo_rl.config.eval_schema import VLLM_INSTALL_HINT, GenerationConfig
 from nemo_rl.config.schema import TokenizerConfig
-from nemo_rl.models.generation.interfaces import GenerationOutput, cut_at_stop
+from nemo_rl.models.generation.interfaces import GenerationBackendError, GenerationOutput, cut_at_stop
 
 
 def vllm_installed() -> bool:
@@ -23,7 +23,7 @@ def vllm_installed() -> bool:
 def require_vllm() -> None:
     """Refuse `generation.backend=vllm` up front, before any worker starts, when vLLM is absent."""
     if not vllm_installed():
-        raise RuntimeError(
+        raise GenerationBackendError(
             "generation.backend=vllm: the vllm package is not installed in this environment. "
             f"Install it with `{VLLM_INSTALL_HINT}`, or set generation.backend=hf"
         )

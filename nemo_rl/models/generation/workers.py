@@ -12,7 +12,7 @@ from nemo_rl.config.eval_schema import GenerationConfig
 from nemo_rl.config.schema import TokenizerConfig
 from nemo_rl.distributed.virtual_cluster import RayVirtualCluster
 from nemo_rl.distributed.worker_group import RayWorkerGroup
-from nemo_rl.models.generation.interfaces import GenerationOutput
+from nemo_rl.models.generation.interfaces import GenerationBackendError, GenerationOutput
 
 
 def worker_class(backend: str) -> type:
@@ -44,7 +44,7 @@ class GenerationWorkers:
 
     def __init__(self, generation_cfg: GenerationConfig, tokenizer_cfg: TokenizerConfig, cluster: RayVirtualCluster):
         if generation_cfg.backend == "vllm" and not cluster.use_gpus:
-            raise ValueError("generation.backend=vllm needs GPUs (cluster.device=cuda); on CPU use generation.backend=hf")
+            raise GenerationBackendError("generation.backend=vllm needs GPUs (cluster.device=cuda); on CPU use generation.backend=hf")
         self.cfg = generation_cfg
         self.group = RayWorkerGroup(
             cluster,

@@ -425,7 +425,7 @@ def _escape_interpolations(node: Any) -> Any:
     return node
 
 
-def config_to_yaml(cfg: MasterConfig) -> str:
+def config_to_yaml(cfg: BaseModel) -> str:
     """The validated config as YAML: what `show` prints and checkpoints store as config.yaml.
 
     `load_config` on this text gives a config equal to `cfg`.

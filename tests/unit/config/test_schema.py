@@ -102,3 +102,14 @@ def test_gpu_monitoring_takes_nemo_rl_keys_with_positive_intervals():
         LoggerConfig.model_validate({"gpu_monitoring": {"flush_interval": 0}})
     with pytest.raises(ValidationError, match="gpu_monitoring.sample_every"):
         LoggerConfig.model_validate({"gpu_monitoring": {"sample_every": 3}})
+
+
+def test_val_generation_is_off_by_default_and_its_keys_are_checked():
+    from nemo_rl.config.schema import SFTConfig
+
+    assert SFTConfig(max_num_steps=1).val_generation.enabled is False
+    cfg = SFTConfig(max_num_steps=1, val_generation={"enabled": True, "num_prompts": 4, "metric": "math"})
+    assert (cfg.val_generation.num_prompts, cfg.val_generation.metric) == (4, "math")
+    for bad in ({"metric": "bleu"}, {"num_prompts": 0}, {"max_new_tokens": 0}, {"num_prompt": 3}):
+        with pytest.raises(ValidationError):
+            SFTConfig(max_num_steps=1, val_generation=bad)

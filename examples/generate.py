@@ -26,32 +26,17 @@ from typing import Any
 
 import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
+from nemo_rl.models.generation.loading import load_generation_model
 
 
 def load_model(checkpoint: str, *, base_model: str | None = None, tokenizer_path: str | None = None,
                device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer, description) for a full model or a PEFT adapter directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
-    adapter_file = os.path.join(checkpoint, ADAPTER_CONFIG)
-    if os.path.isfile(adapter_file):
-        from peft import PeftModel
-
-        with open(adapter_file, encoding="utf-8") as handle:
-            recorded_base = json.load(handle).get("base_model_name_or_path")
-        base = base_model or recorded_base
-        if not base:
-            raise ValueError(f"{adapter_file} names no base_model_name_or_path; pass --base-model")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        model = PeftModel.from_pretrained(model, checkpoint)
-        description = f"LoRA adapter {checkpoint} over {base}"
-    else:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
-        base = None
-        description = f"model {checkpoint}"
+    model, base, description = load_generation_model(checkpoint, base_model=base_model, device=device, dtype=dtype)
 
     # The checkpoint's tokenizer carries the training chat template; the base's may not.
     candidates = [tokenizer_path] if tokenizer_path else [checkpoint, base]
@@ -62,7 +47,7 @@ def load_model(checkpoint: str, *, base_model: str | None = None, tokenizer_path
     if tokenizer_dir != checkpoint:
         print(f"note: tokenizer from {tokenizer_dir}; its chat template may not be the one training used",
               file=sys.stderr)
-    return model.to(device).eval(), tokenizer, description
+    return model, tokenizer, description
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -28,7 +28,7 @@ from nemo_rl.algorithms.resume import (
     seed_driver_rngs,
     select_checkpoint,
 )
-from nemo_rl.algorithms.val_samples import first_val_samples, print_val_samples
+from nemo_rl.algorithms.val_samples import first_val_samples, print_val_samples, score_val_generations
 from nemo_rl.config import ConfigError, MasterConfig, config_to_yaml
 from nemo_rl.config.schema import LoRAConfig, batch_split_problem
 from nemo_rl.data.dataloaders import build_dataloaders
@@ -332,10 +332,23 @@ def _validate_and_log(run: SFTRun, *, step: int, reporter: ProgressReporter) -> 
         val_batches=run.cfg.sft.val_batches,
         micro_batch_size=run.cfg.sft.val_micro_batch_size,
     )
+    result.update(_val_generation_scores(run))
     run.logger.log_metrics(result, step, prefix="validation")
     run.progress.metrics.update({f"val:{k}": v for k, v in result.items()})
     _print_val_samples(run, step=step, reporter=reporter)
     return result
+
+
+def _val_generation_scores(run: SFTRun) -> dict[str, float]:
+    """sft.val_generation: EM/F1 or accuracy of greedy answers to the first N validation prompts."""
+    gen_cfg = run.cfg.sft.val_generation
+    if not gen_cfg.enabled or run.val_dataloader is None:
+        return {}
+    samples = first_val_samples(run.val_dataloader.dataset, run.tokenizer, gen_cfg.num_prompts)
+    return score_val_generations(
+        run.policy, samples, run.tokenizer, metric=gen_cfg.metric,
+        max_total_sequence_length=run.cfg.policy.max_total_sequence_length, max_new_tokens=gen_cfg.max_new_tokens,
+    )
 
 
 def _print_val_samples(run: SFTRun, *, step: int, reporter: ProgressReporter) -> None:

@@ -82,6 +82,30 @@ def print_val_samples(
         )
 
 
+def score_val_generations(
+    policy,
+    samples: list[ValSample],
+    tokenizer,
+    *,
+    metric: str,
+    max_total_sequence_length: int,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """`sft.val_generation`: greedy answers to `samples` on `policy`, scored against their
+    targets: {"gen_exact_match", "gen_f1"} (squad) or {"gen_accuracy"} (math), means in [0, 1]."""
+    from nemo_rl.algorithms.eval_metrics import math_equal, squad_scores
+
+    if not samples:
+        return {}
+    budget = max_new_tokens or max_new_tokens_for(samples, max_total_sequence_length)
+    continuations = policy.generate_greedy([s.prompt_ids for s in samples], max_new_tokens=budget)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
+    if metric == "math":
+        return {"gen_accuracy": sum(math_equal(t, s.target) for t, s in zip(texts, samples, strict=True)) / len(samples)}
+    scores = [squad_scores(t, [s.target]) for t, s in zip(texts, samples, strict=True)]
+    return {f"gen_{name}": sum(score[name] for score in scores) / len(scores) for name in ("exact_match", "f1")}
+
+
 def format_val_sample(
     number: int, total: int, *, step: int, prompt: str, target: str, continuation: str, num_new_tokens: int
 ) -> str:

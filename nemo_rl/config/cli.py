@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import NoReturn
 
+from pydantic import BaseModel
+
 from nemo_rl.config.errors import ConfigError
 from nemo_rl.config.loader import config_to_yaml, load_config
 from nemo_rl.config.schema import MasterConfig
@@ -53,9 +55,10 @@ def _split_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> list[s
 
 
 def parse_run_args(
-    argv: list[str] | None, *, default_config: str, description: str
+    argv: list[str] | None, *, default_config: str, description: str, root: type[BaseModel] = MasterConfig
 ) -> tuple[MasterConfig, str]:
-    """`--config X.yaml` then overrides -> (validated config, config path).
+    """`--config X.yaml` then overrides -> (validated config, config path). `root`: the schema
+    of the file (MasterConfig for training, EvalMasterConfig for evaluation).
 
     On a ConfigError prints the message to stderr and exits with code 2.
     """
@@ -70,7 +73,7 @@ def parse_run_args(
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = _split_overrides(parser, rest)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, root=root)
     except ConfigError as error:
         exit_with_config_error(error)
     return cfg, args.config

@@ -14,17 +14,18 @@ The steps, in order:
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import re
 from collections.abc import Callable, Sequence
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from nemo_rl.config.errors import (
     ConfigError,
@@ -36,6 +37,8 @@ from nemo_rl.config.errors import (
 )
 from nemo_rl.config.overrides import apply_overrides
 from nemo_rl.config.schema import DatasetConfig, MasterConfig
+
+RootConfig = TypeVar("RootConfig", bound=BaseModel)
 
 OVERRIDE_MARKER = "_override_"
 DEFAULTS_KEY = "defaults"
@@ -368,7 +371,7 @@ def _source(path: str | Path, overrides: Sequence[str]) -> str:
 
 
 def _compose(
-    path: str | Path, overrides: Sequence[str]
+    path: str | Path, overrides: Sequence[str], root: type[BaseModel] = MasterConfig
 ) -> tuple[dict[str, Any], dict[Loc, str], list[str], dict[Loc, str]]:
     if isinstance(overrides, str):
         overrides = [overrides]
@@ -379,7 +382,8 @@ def _compose(
         cfg = OmegaConf.create(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
-    problems = apply_overrides(cfg, overrides, schema_keys)
+    keys_at = schema_keys if root is MasterConfig else functools.partial(field_names_at, root)
+    problems = apply_overrides(cfg, overrides, keys_at)
     if problems:
         raise ConfigError(problems, source=str(path))
     unresolved = _resolution_problems(cfg)
@@ -401,14 +405,17 @@ def compose_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str,
     return data
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> MasterConfig:
-    """Compose, resolve and validate a config; raises ConfigError listing every problem found."""
-    data, unresolved, default_problems, notes = _compose(path, overrides)
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, root: type[RootConfig] = MasterConfig) -> RootConfig:
+    """Compose, resolve and validate a config; raises ConfigError listing every problem found.
+
+    `root` is the schema of the whole file: MasterConfig for training, EvalMasterConfig
+    (`nemo_rl.config.eval_schema`) for evaluation."""
+    data, unresolved, default_problems, notes = _compose(path, overrides, root)
     problems = [m for m in unresolved.values() if m] + default_problems
     try:
-        cfg = MasterConfig.model_validate(data)
+        cfg = root.model_validate(data)
     except ValidationError as exc:
-        problems += validation_messages(exc, MasterConfig, notes, ignore=set(unresolved))
+        problems += validation_messages(exc, root, notes, ignore=set(unresolved))
         cfg = None
     if problems:
         raise ConfigError(problems, source=_source(path, overrides))
@@ -427,7 +434,7 @@ def _escape_interpolations(node: Any) -> Any:
     return node
 
 
-def config_to_yaml(cfg: MasterConfig) -> str:
+def config_to_yaml(cfg: BaseModel) -> str:
     """The validated config as YAML: what `show` prints and checkpoints store as config.yaml.
 
     `load_config` on this text gives a config equal to `cfg`.

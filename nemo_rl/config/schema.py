@@ -18,6 +18,18 @@ class Section(BaseModel):
 # ---------------------------------------------------------------- sft
 
 
+class ValGenerationConfig(Section):
+    """Generation-based validation during SFT: at each validation, the first `num_prompts`
+    validation prompts answered greedily and scored against their assistant turn."""
+
+    enabled: bool = False
+    num_prompts: int = Field(32, ge=1)
+    # squad: exact match and F1 (official normalisation); math: final-answer equivalence
+    metric: Literal["squad", "math"] = "squad"
+    # null: the longest reference's token count plus a margin
+    max_new_tokens: int | None = Field(None, ge=1)
+
+
 class SFTConfig(Section):
     max_num_epochs: int = Field(1, ge=1)
     max_num_steps: int = Field(..., ge=1)
@@ -32,6 +44,7 @@ class SFTConfig(Section):
     # A step whose loss or gradient norm is not finite is never applied. false: the run stops
     # with an error naming the step; true: it goes on (counted in train/skipped_updates).
     skip_non_finite_updates: bool = False
+    val_generation: ValGenerationConfig = Field(default_factory=ValGenerationConfig)
 
 
 # ---------------------------------------------------------------- checkpointing

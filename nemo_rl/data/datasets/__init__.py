@@ -38,6 +38,7 @@ from nemo_rl.data.datasets.alpaca import AlpacaDataset
 from nemo_rl.data.datasets.common import select, split_train_validation
 from nemo_rl.data.datasets.general_conversations import GeneralConversationsJsonlDataset
 from nemo_rl.data.datasets.mixture import MixedRows, MixturePart
+from nemo_rl.data.datasets.multiple_choice import MultipleChoiceDataset
 from nemo_rl.data.datasets.oasst import OasstDataset
 from nemo_rl.data.datasets.openai_format import OpenAIFormatDataset
 from nemo_rl.data.datasets.openmathinstruct2 import OpenMathInstruct2Dataset
@@ -57,6 +58,7 @@ DATASET_REGISTRY: dict[str, type] = {
     "tulu3_sft_mixture": Tulu3SftMixtureDataset,
     "open_assistant": OasstDataset,
     "GeneralConversationsJsonlDataset": GeneralConversationsJsonlDataset,
+    "multiple_choice": MultipleChoiceDataset,
 }
 
 # Fields that select or post-process a dataset rather than configure its class. The loader applies
@@ -73,6 +75,7 @@ __all__ = [
     "GeneralConversationsJsonlDataset",
     "MixedRows",
     "MixturePart",
+    "MultipleChoiceDataset",
     "OasstDataset",
     "OpenAIFormatDataset",
     "OpenMathInstruct2Dataset",

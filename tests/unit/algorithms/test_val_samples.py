@@ -18,7 +18,7 @@ from nemo_rl.algorithms.val_samples import (
     message_text,
     print_val_samples,
 )
-from nemo_rl.config.schema import TokenizerConfig
+from nemo_rl.config.schema import TokenizerConfig, ValGenerationConfig
 from nemo_rl.data.interfaces import TaskDataSpec
 from nemo_rl.data.processors import SFTDataset
 from nemo_rl.data.tokenizer import get_tokenizer
@@ -158,3 +158,38 @@ def test_message_text_of_parts_and_tool_calls():
     assert message_text({"role": "assistant", "content": None, "tool_calls": [call]}) == (
         '[{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]'
     )
+
+
+# ---------------------------------------------------------------- sft.val_generation
+
+
+def _gen_run(dataset, tokenizer, policy, **val_generation):
+    run = _run(dataset, tokenizer, policy, 0)
+    run.cfg.sft = SimpleNamespace(val_generation=ValGenerationConfig(**val_generation))
+    return run
+
+
+def test_val_generation_scores_the_greedy_answers_against_the_targets(tokenizer, dataset):
+    from nemo_rl.algorithms.eval_metrics import squad_scores
+
+    policy = FakePolicy(tokenizer)
+    scores = sft._val_generation_scores(_gen_run(dataset, tokenizer, policy, enabled=True, num_prompts=2))
+    # "Paris, of course" vs "Paris": EM 0, P = 1/3, R = 1, F1 = 1/2; "About 30 m" vs "Up to thirty metres long.": 0, 0
+    expected = [squad_scores("Paris, of course", ["Paris"]), squad_scores("About 30 m", ["Up to thirty metres long."])]
+    assert scores == {"gen_exact_match": 0.0, "gen_f1": pytest.approx((expected[0]["f1"] + expected[1]["f1"]) / 2)}
+    assert scores["gen_f1"] == pytest.approx(1 / 4)
+    assert len(policy.calls[0][0]) == 2
+
+    policy = FakePolicy(tokenizer)
+    sft._val_generation_scores(_gen_run(dataset, tokenizer, policy, enabled=True, num_prompts=1, max_new_tokens=5))
+    assert policy.calls[0][1] == 5
+
+
+def test_val_generation_math_accuracy_and_off_costs_nothing(tokenizer, dataset):
+    class MathPolicy(FakePolicy):
+        def generate_greedy(self, prompts, *, max_new_tokens):
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in [r"\boxed{Paris}", "no"]][: len(prompts)]
+
+    scores = sft._val_generation_scores(_gen_run(dataset, tokenizer, MathPolicy(tokenizer), enabled=True, num_prompts=2, metric="math"))
+    assert scores == {"gen_accuracy": 0.5}
+    assert sft._val_generation_scores(_gen_run(dataset, tokenizer, None, enabled=False)) == {}

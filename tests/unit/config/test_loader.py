@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from nemo_rl.config import ConfigError, MasterConfig, compose_config, config_to_yaml, load_config
+from nemo_rl.config.eval_schema import EvalMasterConfig
 from nemo_rl.config.loader import register_resolvers
 
 REPO = Path(__file__).resolve().parents[3]
@@ -332,15 +333,17 @@ RECIPES = [name for name in SHIPPED_CONFIGS if name.startswith("recipes/")]
 
 
 def test_the_shipped_configs_include_the_recipes():
-    assert {"sft.yaml", "sft_tiny.yaml", "sft_tiny_lora.yaml"} <= set(SHIPPED_CONFIGS)
+    assert {"sft.yaml", "sft_tiny.yaml", "sft_tiny_lora.yaml", "eval.yaml"} <= set(SHIPPED_CONFIGS)
     assert "recipes/llm/sft-llama3.2-1b-1n1g-fsdp2-lora.yaml" in RECIPES
 
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_every_shipped_config_loads_and_round_trips(tmp_path, name):
-    assert isinstance(load_config(REPO / "configs" / name), MasterConfig)  # as shipped, no overrides
-    cfg = load_config(REPO / "configs" / name, ["cluster.device=cpu"])
-    assert load_config(write(tmp_path, "saved.yaml", config_to_yaml(cfg))) == cfg
+    """Evaluation configs (eval*.yaml) against the evaluation schema, the others against training's."""
+    root = EvalMasterConfig if Path(name).name.startswith("eval") else MasterConfig
+    assert isinstance(load_config(REPO / "configs" / name, root=root), root)  # as shipped, no overrides
+    cfg = load_config(REPO / "configs" / name, ["cluster.device=cpu"], root=root)
+    assert load_config(write(tmp_path, "saved.yaml", config_to_yaml(cfg)), root=root) == cfg
 
 
 @pytest.mark.parametrize("name", RECIPES)

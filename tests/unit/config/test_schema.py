@@ -138,3 +138,14 @@ def test_megatron_config_is_refused_for_its_backend_before_its_other_keys():
         policy(megatron_cfg={"enabled": True, "tensor_model_parallel_size": 2}, optimizer=None, dtensor_cfg={"enabled": False})
     (only,) = error.value.errors()
     assert "the Megatron backend is not available" in only["msg"]
+
+
+def test_val_generation_is_off_by_default_and_its_keys_are_checked():
+    from nemo_rl.config.schema import SFTConfig
+
+    assert SFTConfig(max_num_steps=1).val_generation.enabled is False
+    cfg = SFTConfig(max_num_steps=1, val_generation={"enabled": True, "num_prompts": 4, "metric": "math"})
+    assert (cfg.val_generation.num_prompts, cfg.val_generation.metric) == (4, "math")
+    for bad in ({"metric": "bleu"}, {"num_prompts": 0}, {"max_new_tokens": 0}, {"num_prompt": 3}):
+        with pytest.raises(ValidationError):
+            SFTConfig(max_num_steps=1, val_generation=bad)

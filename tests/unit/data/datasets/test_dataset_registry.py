@@ -32,6 +32,7 @@ def test_registered_names():
         "OpenMathInstruct-2",
         "ResponseDataset",
         "alpaca",
+        "multiple_choice",
         "open_assistant",
         "openai_format",
         "openmathinstruct2",

@@ -165,11 +165,14 @@ def test_a_job_signalled_before_its_time_limit_saves_and_its_successor_resumes(
 
 def test_a_node_whose_ray_cannot_start_fails_the_job_at_once_naming_it(slurm, tmp_path, ray_tmpdir):
     started = time.monotonic()
-    job_id = submit(slurm, "ray.sub", tmp_path, "echo never run", ray_tmpdir, RAY_START_ARGS="--num-cpus=many")
+    job_id = submit(
+        slurm, "ray.sub", tmp_path, "echo never run", ray_tmpdir, RAY_START_ARGS="--num-cpus=many", RAY_START_ATTEMPTS="2"
+    )
     job = finished(slurm, job_id, tmp_path)
     assert job.info["JobState"] == "FAILED" and job.info["ExitCode"] == "1:0", job.describe()
     assert "error: Ray did not start on node node1 (node 0); its log" in job.output, job.describe()
     assert "Invalid value for '--num-cpus'" in job.output  # the end of that log, quoted
+    assert "ray start failed 2 times" in job.output
     assert "running on node1" not in job.output and not (job.log_dir / "driver.log").exists()
     assert time.monotonic() - started < 120, job.describe()  # not RAY_JOIN_TIMEOUT
     assert ray_processes_left(ray_tmpdir) == []

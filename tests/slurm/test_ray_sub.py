@@ -36,7 +36,8 @@ from tests.functional.sft_runs import (
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 JOB_TIMEOUT_S = 600
-TWO_NODES = ("cluster.num_nodes=2", "cluster.cpu_workers_per_node=1")
+# 2 nodes x 1 worker; one checkpoint, at the end (or on the stop signal): saves cost time here.
+TWO_NODES = ("cluster.num_nodes=2", "cluster.cpu_workers_per_node=1", "checkpointing.save_period=100")
 
 
 @dataclass
@@ -129,7 +130,7 @@ def test_a_job_signalled_before_its_time_limit_saves_and_its_successor_resumes(
     slurm, uninterrupted_job, reference_run, tmp_path, ray_tmpdir
 ):
     # Checkpoints only at the end: the one before it can only come from the signal.
-    command = sft_command(tmp_path, reference_run.data_dir, "checkpointing.save_period=100")
+    command = sft_command(tmp_path, reference_run.data_dir)
     first_id = submit(
         slurm, "sft_resubmit.sub", tmp_path, command, ray_tmpdir, RESUBMIT_ARGS=f"--output={tmp_path}/slurm-%j.out --time=20"
     )

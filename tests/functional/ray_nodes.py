@@ -43,39 +43,25 @@ class RayNodes:
 
     def start_head(self, name: str, *, num_cpus: int) -> None:
         port = free_port()
-        self._ray_start(
-            name,
+        head_options = (
             "--head",
             f"--port={port}",
             f"--ray-client-server-port={free_port()}",
             "--include-dashboard=false",
             f"--dashboard-port={free_port()}",
-            num_cpus=num_cpus,
         )
+        self._ray_start(name, *head_options, num_cpus=num_cpus)
         # `ray start` records the address it chose for the head (its node IP and our port).
         self.address = (self.temp_dirs[name] / "ray_current_cluster").read_text().strip()
         assert self.address.endswith(f":{port}"), self.address
 
-    def add_node(self, name: str, *, num_cpus: int, attempts: int = 3) -> None:
-        """A node that joins the head; retried, since under load a raylet can time out at start."""
-        for attempt in range(1, attempts + 1):
-            try:
-                self._ray_start(name, f"--address={self.address}", num_cpus=num_cpus)
-                return
-            except subprocess.CalledProcessError:
-                if attempt == attempts:
-                    raise
+    def add_node(self, name: str, *, num_cpus: int) -> None:
+        self._ray_start(name, f"--address={self.address}", num_cpus=num_cpus)
 
     def stop(self) -> None:
         """Ends every process of every node started here: SIGTERM, then SIGKILL after a grace."""
         sessions, self._sessions = self._sessions, set()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in processes_in_sessions(sessions):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + STOP_GRACE_S
-            while processes_in_sessions(sessions) and time.monotonic() < deadline:
-                time.sleep(0.2)
+        _end_sessions(sessions)
 
     def worker_log_exists(self, node: str, pid: int) -> bool:
         """Whether the node's raylet started the worker process `pid` (Ray names each worker's
@@ -83,11 +69,13 @@ class RayNodes:
         logs = self.temp_dirs[node] / "session_latest" / "logs"
         return any(logs.glob(f"worker-*-{pid}.out"))
 
-    def _ray_start(self, name: str, *args: str, num_cpus: int) -> None:
+    def _ray_start(self, name: str, *options: str, num_cpus: int, attempts: int = 3) -> None:
+        """One `ray start`, retried: under load a raylet, the head's too, can miss Ray's 30 s
+        start-up deadline. A failed attempt's processes are ended before the next one."""
         temp_dir = self.root / name
         self.temp_dirs[name] = temp_dir
         command = [
-            RAY, "start", *args,
+            RAY, "start", *options,
             f"--temp-dir={temp_dir}",
             f"--node-name={name}",
             f"--num-cpus={num_cpus}",
@@ -96,12 +84,30 @@ class RayNodes:
             "--disable-usage-stats",
         ]  # fmt: skip
         log = self.root / f"ray-start-{name}.log"
-        with open(log, "a") as out:
-            proc = subprocess.Popen(command, env=self._env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self._sessions.add(proc.pid)
-        rc = proc.wait(timeout=300)
-        if rc != 0:
-            raise subprocess.CalledProcessError(rc, command, output=log.read_text())
+        for attempt in range(1, attempts + 1):
+            with open(log, "a") as out:
+                proc = subprocess.Popen(command, env=self._env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self._sessions.add(proc.pid)
+            try:
+                rc = proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc == 0:
+                return
+            self._sessions.discard(proc.pid)
+            _end_sessions({proc.pid})
+            if attempt == attempts:
+                raise RuntimeError(f"{' '.join(command)} failed {attempts} times; its output:\n{log.read_text()[-4000:]}")
+
+
+def _end_sessions(sessions: set[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_in_sessions(sessions):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while processes_in_sessions(sessions) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def processes_in_sessions(sessions: set[int]) -> list[int]:

@@ -24,7 +24,8 @@ from tests.functional.sft_runs import (
     worker_pids,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+# Run alone, the first test also makes the session's reference run and starts the two nodes.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,9 @@ from tests.functional.sft_runs import (
     worker_pids,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
 JOB_TIMEOUT_S = 600
+# A test may wait for two jobs and, run alone, make the session's reference run first.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(3 * JOB_TIMEOUT_S)]
 # 2 nodes x 1 worker; one checkpoint, at the end (or on the stop signal): saves cost time here.
 TWO_NODES = ("cluster.num_nodes=2", "cluster.cpu_workers_per_node=1", "checkpointing.save_period=100")
 

@@ -32,9 +32,10 @@ def _node(node_id, **resources):
 
 def test_each_node_group_gets_a_node_of_its_own_the_drivers_first():
     nodes = [_node("a", CPU=4, GPU=2), _node("b", CPU=2), _node("c", CPU=8)]
-    pick = lambda bundle, per_group, groups, driver="x": _nodes_for_groups(  # noqa: E731
-        bundle, per_group, groups, nodes, driver_node_id=driver
-    )
+
+    def pick(bundle, per_group, groups, driver="x"):
+        return _nodes_for_groups(bundle, per_group, groups, nodes, driver_node_id=driver)
+
     # A node that could hold two groups still holds one: 3 groups need 3 nodes.
     assert pick({"CPU": 2}, 1, 3) == ["a", "b", "c"]
     assert pick({"CPU": 2}, 1, 4) is None

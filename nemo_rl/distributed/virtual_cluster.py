@@ -1,18 +1,22 @@
 """Reserve the slots a run's workers will occupy: one placement group per node.
 
 Node group i holds `workers_per_node` bundles, `{"GPU": 1, "CPU": k}` on GPUs or `{"CPU": k}`
-on CPU, packed STRICT_PACK onto one physical node so that the ranks of a group share a host
-(NVLink / shared memory). The reservation is made, or refused with a `ClusterResourceError`,
-when the `RayVirtualCluster` is built.
+on CPU, packed onto one Ray node so that the ranks of a group share a host (NVLink / shared
+memory), and every node group is on a node of its own: `num_nodes=2` means two machines,
+never two groups on one big machine. The reservation is made, or refused with a
+`ClusterResourceError`, when the `RayVirtualCluster` is built.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+# Every Ray node carries this label with its own node id (Ray >= 2.4x): a bundle selecting it
+# can only be placed on that node.
+_NODE_ID_LABEL = "ray.io/node-id"
 
 
 class ClusterResourceError(RuntimeError):
@@ -23,7 +27,8 @@ class RayVirtualCluster:
     """`num_nodes` x `workers_per_node` worker slots reserved on the current Ray cluster.
 
     Args:
-        num_nodes: node groups (placement groups); each is packed onto one physical node.
+        num_nodes: node groups (placement groups), each packed onto a Ray node of its own;
+            the driver's node is used first when it can hold a group.
         workers_per_node: bundles per node group, one worker each.
         use_gpus: one GPU per bundle (plus `cpus_per_worker` CPUs) instead of CPUs only.
         cpus_per_worker: CPUs per bundle; CPU workers also use this many threads.
@@ -33,8 +38,12 @@ class RayVirtualCluster:
             someone else. A request larger than the cluster's nodes fails at once.
 
     Raises:
-        ClusterResourceError: the request does not fit on the cluster's nodes, or the
+        ClusterResourceError: fewer than `num_nodes` of the cluster's nodes can each hold a
+            node group (at once, saying what was asked and what each node has), or the
             resources were not free within `placement_timeout_s`.
+
+    Attributes:
+        node_ids: the Ray node id of each node group, in rank order.
     """
 
     def __init__(
@@ -66,11 +75,20 @@ class RayVirtualCluster:
         )
 
         # Fail fast: a pending placement group never errors by itself, it just waits.
-        if not _fits(self.bundle, workers_per_node, num_nodes, _alive_node_totals()):
+        nodes = _alive_nodes()
+        self.node_ids = _nodes_for_groups(
+            self.bundle, workers_per_node, num_nodes, nodes, driver_node_id=_driver_node_id()
+        )
+        if self.node_ids is None:
+            able = sum(_holds_group(n["Resources"], self.bundle, workers_per_node) for n in nodes)
             raise ClusterResourceError(
-                f"{self._request_text()}; that does not fit on this Ray cluster. "
-                f"{_describe_nodes()} Ask for fewer workers or CPUs per worker, or give Ray "
-                "more (init_ray(num_cpus=...), `ray start --num-cpus/--num-gpus`)."
+                f"{self._request_text()}, each node group on a node of its own; "
+                f"{able} of this Ray cluster's nodes can hold a group of {workers_per_node}. "
+                f"{_describe_nodes(nodes)} Ask for fewer nodes, workers or CPUs per worker "
+                "(in a run's config: cluster.num_nodes, cluster.gpus_per_node, "
+                "cluster.cpu_workers_per_node), or give Ray more nodes or resources "
+                "(`ray start --num-cpus/--num-gpus` on each node, slurm/ray.sub with more "
+                "--nodes, init_ray(num_cpus=...) for a local cluster)."
             )
         pg_prefix = f"{name}-{uuid.uuid4().hex[:8]}"
         self._pgs: list[PlacementGroup] = [
@@ -78,8 +96,9 @@ class RayVirtualCluster:
                 [dict(self.bundle)] * workers_per_node,
                 strategy="STRICT_PACK",
                 name=f"{pg_prefix}-node{i}",
+                bundle_label_selector=[{_NODE_ID_LABEL: node_id}] * workers_per_node,
             )
-            for i in range(num_nodes)
+            for i, node_id in enumerate(self.node_ids)
         ]
         ready, _ = ray.wait(
             [pg.ready() for pg in self._pgs], num_returns=num_nodes, timeout=placement_timeout_s
@@ -90,7 +109,7 @@ class RayVirtualCluster:
                 f"{self._request_text()}; that fits this Ray cluster's nodes, but the resources "
                 f"were not free within {placement_timeout_s:g} s (other jobs or placement groups "
                 f"hold them). Free now: {_format_resources(ray.available_resources())}. "
-                f"{_describe_nodes()}"
+                f"{_describe_nodes(_alive_nodes())}"
             )
 
     def placement_groups(self) -> list[PlacementGroup]:
@@ -111,30 +130,47 @@ class RayVirtualCluster:
         )
 
 
-def _alive_node_totals() -> list[dict[str, float]]:
-    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+def _alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"]]
 
 
-def _fits(
-    bundle: dict[str, float], per_group: int, num_groups: int, nodes: list[dict[str, float]]
-) -> bool:
-    """Whether `num_groups` groups of `per_group` bundles fit, each group on one node."""
-    groups_per_node = [
-        min(math.floor(total.get(res, 0) / (amount * per_group)) for res, amount in bundle.items())
-        for total in nodes
-    ]
-    return sum(groups_per_node) >= num_groups
+def _driver_node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _holds_group(total: dict[str, float], bundle: dict[str, float], per_group: int) -> bool:
+    return all(total.get(res, 0) >= amount * per_group for res, amount in bundle.items())
+
+
+def _nodes_for_groups(
+    bundle: dict[str, float],
+    per_group: int,
+    num_groups: int,
+    nodes: list[dict],
+    *,
+    driver_node_id: str,
+) -> list[str] | None:
+    """The ids of `num_groups` distinct nodes that can each hold `per_group` bundles (by their
+    total resources), the driver's node first, then in Ray's order; None if too few can."""
+    able = [n["NodeID"] for n in nodes if _holds_group(n["Resources"], bundle, per_group)]
+    able.sort(key=lambda node_id: node_id != driver_node_id)  # stable: the rest keep Ray's order
+    return able[:num_groups] if len(able) >= num_groups else None
 
 
 def _format_resources(resources: dict[str, float], keys=("CPU", "GPU")) -> str:
     return ", ".join(f"{k} {resources.get(k, 0):g}" for k in keys)
 
 
-def _describe_nodes() -> str:
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    lines = [
-        f"{n['NodeManagerAddress']} ({n['NodeManagerHostname']}): "
-        + _format_resources(n["Resources"])
-        for n in nodes
-    ]
+def _describe_nodes(nodes: list[dict]) -> str:
+    """What each node has, e.g. `The cluster has 2 node(s): node1 (10.0.0.1): CPU 8, GPU 8; ...`.
+
+    A node shows as its name (`ray start --node-name`, as slurm/ray.sub sets it) when that is
+    more than its address, else as address (hostname).
+    """
+    lines = []
+    for n in nodes:
+        address = n["NodeManagerAddress"]
+        name = n.get("NodeName") or address
+        where = f"{name} ({address})" if name != address else f"{address} ({n['NodeManagerHostname']})"
+        lines.append(f"{where}: {_format_resources(n['Resources'])}")
     return f"The cluster has {len(nodes)} node(s): " + "; ".join(lines) + "."

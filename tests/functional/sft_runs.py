@@ -66,10 +66,12 @@ def run_args(root: Path, data_dir: Path, *extra: str) -> list[str]:
 class SFTProcess:
     """One `examples/run_sft.py` process; its output goes to `log_file`."""
 
-    def __init__(self, overrides: list[str], log_file: Path, *, python: tuple[str, ...] = (sys.executable,)):
-        """`python`: how the script is started, e.g. ("uv", "run") as the README does."""
+    def __init__(
+        self, overrides: list[str], log_file: Path, *, python: tuple[str, ...] = (sys.executable,), env: dict[str, str] | None = None
+    ):
+        """`python`: how the script is started, e.g. ("uv", "run") as the README does; `env`: on top of ours."""
         self.log_file = log_file
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
         cmd = [*python, str(REPO / "examples" / "run_sft.py"), "--config", str(REPO / "configs" / "sft_tiny.yaml"), *overrides]
         with open(log_file, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -98,10 +100,7 @@ class SFTProcess:
         os.kill(self.pid, sig)
 
     def worker_pids(self, occurrence: int = -1) -> dict[int, int]:
-        """{rank: pid} from the run's "policy workers: rank 0 pid 123 on ..." line (the last one
-        by default; there is one per start of the worker group)."""
-        lines = re.findall(r"policy workers: (.*)", self.output)
-        return {int(r): int(p) for r, p in re.findall(r"rank (\d+) pid (\d+)", lines[occurrence])}
+        return worker_pids(self.output, occurrence)
 
     def kill_everything(self) -> None:
         """Ends the driver and what is left in its session (Ray's processes)."""
@@ -121,8 +120,15 @@ def started(overrides: list[str], log_file: Path, **kwargs) -> Iterator[SFTProce
             run.kill_everything()
 
 
-def run_to_end(overrides: list[str], log_file: Path, timeout: float = 420) -> tuple[int, str]:
-    with started(overrides, log_file) as run:
+def worker_pids(output: str, occurrence: int = -1) -> dict[int, int]:
+    """{rank: pid} from a run's "policy workers: rank 0 pid 123 on ..." line (the last one by
+    default; there is one per start of the worker group)."""
+    lines = re.findall(r"policy workers: (.*)", output)
+    return {int(r): int(p) for r, p in re.findall(r"rank (\d+) pid (\d+)", lines[occurrence])}
+
+
+def run_to_end(overrides: list[str], log_file: Path, timeout: float = 420, **kwargs) -> tuple[int, str]:
+    with started(overrides, log_file, **kwargs) as run:
         return run.finish(timeout), run.output
 
 
@@ -171,3 +177,12 @@ def is_complete(checkpoint: Path) -> bool:
         (checkpoint / f).is_file()
         for f in ("training_info.json", "train_dataloader.pt", "driver_rng.pt", "hf/model.safetensors", "policy/weights/.metadata", "policy/optimizer/.metadata")
     )
+
+
+def assert_hf_loads_with_weights_of(checkpoint: Path, expected: Path, *, rtol: float = 1e-5) -> None:
+    """`checkpoint`/hf loads with transformers, and its parameters are `expected`'s saved ones."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint / "hf").state_dict()
+    for key, value in hf_weights(expected).items():
+        torch.testing.assert_close(loaded[key], value, rtol=rtol, atol=1e-7, msg=f"{key}: {checkpoint} vs {expected}")

@@ -1,4 +1,5 @@
-"""Shared by the resume and fault tests: a small data set and one uninterrupted reference run."""
+"""Shared by the whole-run tests (resume, faults, multi-node, Slurm): a small data set and one
+uninterrupted reference run, made once per session."""
 
 from __future__ import annotations
 

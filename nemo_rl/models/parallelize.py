@@ -1,23 +1,37 @@
 """Parallelism applied to a Hugging Face causal LM by plain functions, called in this order:
 
+    mesh = build_device_mesh(...)              # (dp_replicate, dp_shard, cp, tp), once per worker
+    apply_tensor_parallel(model, mesh.tp, tensor_parallel_plan(model, ...))   # tp > 1
     apply_activation_checkpointing(model)      # optional
     apply_compile(model)                       # optional
-    apply_fsdp(model, mesh, param_dtype=..., reduce_dtype=..., cpu_offload=...)
+    apply_fsdp(model, mesh.fsdp, param_dtype=..., reduce_dtype=..., cpu_offload=...)
 
 Nothing here subclasses the model; each function changes it in place and returns it.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
+)
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
 )
 
 PRECISIONS: dict[str, torch.dtype] = {
@@ -94,3 +108,143 @@ def apply_fsdp(
             # Plain SUM collectives (no PREMUL_SUM), which every backend, gloo included, has.
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+# ---------------------------------------------------------------- device mesh and tensor parallelism
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The one mesh of a run, (dp_replicate, dp_shard, cp, tp), and the views the worker uses:
+    `dp` (replicate x shard: the ranks that see different rows), `fsdp` (what FSDP shards over,
+    2-D for HSDP: replicate x shard) and `tp`."""
+
+    root: DeviceMesh
+    dp: DeviceMesh
+    fsdp: DeviceMesh
+    tp: DeviceMesh
+
+
+def build_device_mesh(
+    device_type: str, world_size: int, *, tensor_parallel_size: int, context_parallel_size: int, dp_replicate_size: int
+) -> ParallelMesh:
+    """Data parallelism (dp_shard) fills what tensor, context and replicate parallelism leave.
+
+    Rank r sits at ((replicate * dp_shard + shard) * cp + cp_rank) * tp + tp_rank, so the ranks of
+    one tensor-parallel group are consecutive (one node's fast links on GPUs); `Policy` sends
+    each data-parallel shard of a batch to such a consecutive group.
+    """
+    model_parallel = tensor_parallel_size * context_parallel_size * dp_replicate_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of tensor_parallel_size={tensor_parallel_size} x "
+            f"context_parallel_size={context_parallel_size} x dp_replicate_size={dp_replicate_size}"
+        )
+    shape = (dp_replicate_size, world_size // model_parallel, context_parallel_size, tensor_parallel_size)
+    root = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    dp = root["dp_replicate", "dp_shard"]._flatten("dp")
+    shard_cp = root["dp_shard", "cp"]._flatten("dp_shard_cp")
+    fsdp = root["dp_replicate", "dp_shard"] if dp_replicate_size > 1 else shard_cp
+    if dp_replicate_size > 1 and context_parallel_size > 1:
+        raise ValueError("HSDP (dp_replicate_size > 1) with context parallelism is not available")
+    return ParallelMesh(root=root, dp=dp, fsdp=fsdp, tp=root["tp"])
+
+
+# Transformers' plan vocabulary (`config.base_model_tp_plan`) that has a DTensor style here.
+_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Module-name patterns -> DTensor parallel styles for a decoder-only HF model.
+
+    The attention and MLP projections come from the plan the transformers config declares
+    (`base_model_tp_plan`: Llama, Qwen2, Mistral, Gemma 2 declare colwise q/k/v/gate/up and
+    rowwise o/down); other entries (fused projections, per-head norms) are refused, naming them.
+    Then the embedding is row-parallel (its vocabulary rows split), the output layer
+    column-parallel with its logits left vocabulary-sharded (a DTensor, never gathered whole:
+    the loss runs under `loss_parallel`), and with `sequence_parallel` the norms and residual
+    stream are sharded along the sequence between the tensor-parallel regions.
+    """
+    declared = getattr(model.config.get_text_config(), "base_model_tp_plan", None) or {}
+    if not declared:
+        raise ValueError(
+            f"{type(model).__name__} declares no tensor-parallel plan (config.base_model_tp_plan); "
+            "give one with policy.dtensor_cfg.custom_parallel_plan"
+        )
+    unsupported = {k: v for k, v in declared.items() if v not in _STYLES}
+    if unsupported:
+        raise ValueError(
+            f"{type(model).__name__}: tensor-parallel plan entries {unsupported} have no DTensor style "
+            "here (fused projections or per-head norms); give a plan with "
+            "policy.dtensor_cfg.custom_parallel_plan or use tensor_parallel_size=1"
+        )
+    base = model.base_model_prefix  # "model"
+    plan: dict[str, ParallelStyle] = {}
+    for pattern, kind in declared.items():
+        if kind == "rowwise" and sequence_parallel:
+            plan[f"{base}.{pattern}"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        else:
+            plan[f"{base}.{pattern}"] = _STYLES[kind]()
+    head = model.get_output_embeddings()
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    embed_name = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    if not sequence_parallel:
+        plan[embed_name] = RowwiseParallel(input_layouts=Replicate())
+        plan[head_name] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        return plan
+    # The embedding's output stays a DTensor so that the model sees the whole sequence length
+    # (masks, positions); each decoder block gathers it before attention and the MLP.
+    plan[embed_name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
+    plan[head_name] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    layers_prefix = f"{base}.layers.*"
+    plan[f"{layers_prefix}.self_attn"] = PrepareModuleInput(
+        input_kwarg_layouts={"hidden_states": Shard(1)},
+        desired_input_kwarg_layouts={"hidden_states": Replicate()},
+    )
+    plan[f"{layers_prefix}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    layer = decoder_layers(model)[0]
+    for name, child in layer.named_children():
+        if _is_norm(child):
+            plan[f"{layers_prefix}.{name}"] = SequenceParallel()
+    final_norm = getattr(getattr(model, base), "norm", None)
+    if final_norm is not None:
+        plan[f"{base}.norm"] = SequenceParallel()
+    return plan
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("RMSNorm") or name.endswith("LayerNorm") or isinstance(module, nn.LayerNorm)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> nn.Module:
+    """`parallelize_module` with `plan`, keeping tied input/output embeddings one parameter.
+
+    Both get the same placement (vocabulary rows split: Shard(0)), so the output layer
+    simply points at the embedding's DTensor again after each was distributed separately.
+    """
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    parallelize_module(model, tp_mesh, plan)
+    if tied:
+        head.weight = embed.weight
+    return model
+
+
+def load_parallel_plan(dotted_path: str, model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """`custom_parallel_plan`: "package.module.NAME", a dict of patterns -> styles or a function
+    (model, sequence_parallel) -> such a dict (NeMo RL's form)."""
+    module_name, _, attribute = dotted_path.rpartition(".")
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"policy.dtensor_cfg.custom_parallel_plan={dotted_path!r}: cannot import it ({exc})") from exc
+    plan = value(model, sequence_parallel=sequence_parallel) if callable(value) else value
+    if not isinstance(plan, dict) or not all(isinstance(s, ParallelStyle) for s in plan.values()):
+        raise ValueError(
+            f"policy.dtensor_cfg.custom_parallel_plan={dotted_path!r}: expected a dict of module-name "
+            "patterns to torch.distributed.tensor.parallel styles (or a function returning one)"
+        )
+    return plan

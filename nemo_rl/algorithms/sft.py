@@ -38,6 +38,7 @@ from nemo_rl.data.tokenizer import get_tokenizer
 from nemo_rl.distributed import RayVirtualCluster, WorkerDiedError, init_ray, resolve_device, shutdown_ray
 from nemo_rl.distributed.devices import Device
 from nemo_rl.models.lora import describe_parameters
+from nemo_rl.models.parallelize import check_parallel_layout
 from nemo_rl.models.policy import Policy
 from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.utils.checkpoint import CheckpointManager
@@ -97,6 +98,7 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     problem = batch_split_problem(cfg.policy, cfg.cluster.world_size(device))
     if problem:
         raise ConfigError(f"{problem} (cluster.device={cfg.cluster.device} resolved to {device})")
+    check_parallel_layout(cfg.policy)
     checkpointer = CheckpointManager(cfg.checkpointing)
     resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
     print_run_header(cfg, config_path, device=device, resumes_from=resumed_from)

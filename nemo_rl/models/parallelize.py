@@ -11,6 +11,7 @@ Nothing here subclasses the model; each function changes it in place and returns
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -33,6 +34,12 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from transformers import AutoConfig
+
+from nemo_rl.config import ConfigError
+from nemo_rl.config.schema import PolicyConfig
+from nemo_rl.models.lora import LoRALinear
 
 PRECISIONS: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -152,6 +159,39 @@ def build_device_mesh(
     return ParallelMesh(root=root, dp=dp, fsdp=fsdp, tp=root["tp"])
 
 
+def tensor_parallel_problem(model_config, tensor_parallel_size: int) -> str | None:
+    """Why the model (a transformers config) cannot be split over `tensor_parallel_size` ranks,
+    naming the number that fails, or None. Each rank takes whole attention heads, whole KV
+    heads and an equal slice of the vocabulary (embedding rows and output-layer logits)."""
+    if tensor_parallel_size == 1:
+        return None
+    text = model_config.get_text_config()
+    sizes = {
+        "num_attention_heads": getattr(text, "num_attention_heads", None),
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None),
+        "vocab_size": getattr(text, "vocab_size", None),
+    }
+    for name, size in sizes.items():
+        if size is not None and size % tensor_parallel_size:
+            return (
+                f"policy.dtensor_cfg.tensor_parallel_size={tensor_parallel_size} does not divide the "
+                f"model's {name}={size}"
+            )
+    return None
+
+
+def check_parallel_layout(policy_cfg: PolicyConfig) -> None:
+    """Refuses, before any worker starts, a tensor-parallel size the model's heads, KV heads or
+    vocabulary do not divide (reads the model's config only, not its weights)."""
+    tensor_parallel_size = policy_cfg.dtensor_cfg.tensor_parallel_size
+    if tensor_parallel_size == 1:
+        return
+    model_config = AutoConfig.from_pretrained(policy_cfg.model_name, trust_remote_code=policy_cfg.trust_remote_code)
+    problem = tensor_parallel_problem(model_config, tensor_parallel_size)
+    if problem:
+        raise ConfigError(f"{problem} (policy.model_name={policy_cfg.model_name})")
+
+
 # Transformers' plan vocabulary (`config.base_model_tp_plan`) that has a DTensor style here.
 _STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
@@ -227,10 +267,73 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
     """
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight
+    plan = dict(plan)
+    for pattern, style in list(plan.items()):
+        targets = [m for name, m in model.named_modules() if _matches(pattern, name)]
+        if targets and all(isinstance(m, LoRALinear) for m in targets):
+            for lora_linear in targets:
+                _parallelize_lora_linear(lora_linear, tp_mesh, style)
+            del plan[pattern]
     parallelize_module(model, tp_mesh, plan)
     if tied:
         head.weight = embed.weight
     return model
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """`parallelize_module`'s matching: dot-separated atoms, each an fnmatch pattern."""
+    atoms, parts = pattern.split("."), name.split(".")
+    return len(atoms) == len(parts) and all(fnmatch.fnmatch(part, atom) for atom, part in zip(atoms, parts))
+
+
+def _parallelize_lora_linear(module: LoRALinear, tp_mesh: DeviceMesh, style: ParallelStyle) -> None:
+    """A column- or row-parallel `LoRALinear`: the frozen weight sharded as the plain linear's
+    would be, and the adapter so that its update lands on the same shards.
+
+    Column-parallel: A whole (replicated), B split along its outputs, like the weight. Row-
+    parallel: A split along its inputs, like the weight; its partial sums are reduced before the
+    (replicated) B. The outputs are those of the plain style (local shards, or the
+    sequence-sharded DTensor under sequence parallelism).
+    """
+    if isinstance(style, ColwiseParallel):
+        weight_placement, a_placement, b_placement = Shard(0), Replicate(), Shard(0)
+        bias_placement, input_placement = Shard(0), Replicate()
+    elif isinstance(style, RowwiseParallel):
+        weight_placement, a_placement, b_placement = Shard(1), Shard(1), Replicate()
+        bias_placement, input_placement = Replicate(), Shard(-1)
+    else:
+        raise ValueError(f"LoRA under tensor parallelism: no rule for a {type(style).__name__} adapter target")
+    placements = {"weight": weight_placement, "bias": bias_placement}
+
+    def distribute(name: str, submodule: nn.Module, mesh: DeviceMesh) -> None:
+        for param_name, param in list(submodule.named_parameters(recurse=False)):
+            if submodule is module:
+                placement = placements[param_name]
+            else:
+                placement = a_placement if submodule is module.lora_A else b_placement
+            sharded = nn.Parameter(distribute_tensor(param, mesh, [placement]), requires_grad=param.requires_grad)
+            submodule.register_parameter(param_name, sharded)
+
+    wanted_output = style.output_layouts[0] if isinstance(style.output_layouts, tuple) else style.output_layouts
+    use_local_output = style.use_local_output
+
+    def prepare_input(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [input_placement], run_check=False)
+        elif x.placements != (input_placement,):
+            x = x.redistribute(placements=[input_placement])
+        return (x, *inputs[1:])
+
+    def prepare_output(mod: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+        if output.placements != (wanted_output,):
+            output = output.redistribute(placements=[wanted_output])
+        return output.to_local() if use_local_output else output
+
+    distribute_module(module, tp_mesh, distribute, input_fn=prepare_input, output_fn=prepare_output)
+    if isinstance(style, RowwiseParallel):
+        # A's partial sums (its input is split) are reduced before B, whose weight is whole.
+        module.lora_A.register_forward_hook(lambda mod, inputs, out: out.redistribute(placements=[Replicate()]))
 
 
 def load_parallel_plan(dotted_path: str, model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:

@@ -89,6 +89,10 @@ def test_compile_is_off_and_the_chunked_loss_on_by_default():
         ({"sequence_parallel": True}, "sequence_parallel=true .* needs tensor_parallel_size > 1"),
         ({"custom_parallel_plan": "my.plan"}, "custom_parallel_plan='my.plan' .* needs tensor_parallel_size > 1"),
         ({"context_parallel_size": 2}, "context_parallel_size=2: context parallelism is not available"),
+        (
+            {"tensor_parallel_size": 2, "sequence_parallel": True, "lora_cfg": {"enabled": True}},
+            "sequence_parallel=true with lora_cfg.enabled=true",
+        ),
     ],
 )
 def test_tensor_parallel_only_keys_need_tensor_parallelism(dtensor_cfg, refused):

@@ -54,6 +54,7 @@ from nemo_rl.models.parallelize import (
     build_device_mesh,
     load_parallel_plan,
     tensor_parallel_plan,
+    tensor_parallel_problem,
 )
 from nemo_rl.models.policy.forward import (
     forward_hidden_states,
@@ -125,6 +126,9 @@ class DTensorPolicyWorker:
         self.dp_group = mesh.dp.get_group()
         self.dp_rank, self.dp_size = mesh.dp.get_local_rank(), mesh.dp.size()
         if self.tensor_parallel:
+            problem = tensor_parallel_problem(model.config, parallel.tensor_parallel_size)
+            if problem:
+                raise ValueError(f"{problem} ({policy_cfg.model_name})")
             if parallel.custom_parallel_plan is not None:
                 plan = load_parallel_plan(parallel.custom_parallel_plan, model, sequence_parallel=parallel.sequence_parallel)
             else:

@@ -256,7 +256,7 @@ def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[s
 
 def _is_norm(module: nn.Module) -> bool:
     name = type(module).__name__
-    return name.endswith("RMSNorm") or name.endswith("LayerNorm") or isinstance(module, nn.LayerNorm)
+    return name.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> nn.Module:

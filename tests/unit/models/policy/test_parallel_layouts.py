@@ -7,7 +7,6 @@ A layout is a world size and `policy.dtensor_cfg` keys; every rank builds the on
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

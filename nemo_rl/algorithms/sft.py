@@ -7,6 +7,7 @@ own the model shards. Each function here reads top to bottom and calls the rest 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
         progress = _restore_driver_state(checkpointer, resumed_from, loaders.train, fingerprint)
 
     logger = Logger(cfg.logger, run_config=cfg.model_dump(mode="json"))
-    init_ray(temp_dir=str(logger.run_dir / "ray"))
+    init_ray(temp_dir=str(logger.run_dir / "ray"), num_cpus=_local_cpu_slots(cfg, device))
     cluster, policy = _start_workers(cfg, device, resumed_from)
     lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
     _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
@@ -412,6 +413,15 @@ def _rewind_to_start(run: SFTRun) -> SFTProgress:
     run.train_dataloader.load_state_dict({})
     seed_driver_rngs(run.cfg.sft.seed)
     return SFTProgress()
+
+
+def _local_cpu_slots(cfg: MasterConfig, device: Device) -> int | None:
+    """Logical CPUs for a local cluster of CPU workers: at least one per worker, so that a
+    layout of more workers than cores (TP 2 x DP 2 on a 2-core laptop) still starts. Ignored
+    when attaching to a running cluster; None (the machine's cores) on GPUs."""
+    if device != "cpu":
+        return None
+    return max(os.cpu_count() or 1, cfg.cluster.world_size(device))
 
 
 def _start_workers(cfg: MasterConfig, device: Device, checkpoint: Path | None) -> tuple[RayVirtualCluster, Policy]:

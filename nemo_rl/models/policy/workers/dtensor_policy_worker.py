@@ -134,6 +134,10 @@ class DTensorPolicyWorker:
             else:
                 plan = tensor_parallel_plan(model, sequence_parallel=parallel.sequence_parallel)
             apply_tensor_parallel(model, mesh.tp, plan)
+            # DTensor warns on every gradient-norm reduction and full-state gather over the 2-D
+            # (dp, tp) mesh that it runs two collectives instead of one: expected here, and
+            # repeated every step by every rank.
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
             # Generation takes the argmax over the whole vocabulary: only it gathers the logits.
             self._gather_logits = False
             model.get_output_embeddings().register_forward_hook(self._maybe_gather_logits)

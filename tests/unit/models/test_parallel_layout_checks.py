@@ -66,3 +66,15 @@ def test_declared_plans_become_colwise_and_rowwise_styles(config_class):
 def test_plans_with_entries_we_cannot_apply_are_refused_naming_them(config, entry):
     with pytest.raises(ValueError, match=f"plan entries .*{entry}.*custom_parallel_plan"):
         tensor_parallel_plan(_meta_model(config), sequence_parallel=False)
+
+
+def test_policy_sends_each_data_parallel_shard_to_its_whole_tensor_parallel_group():
+    from nemo_rl.data.batched_data_dict import BatchedDataDict
+    from nemo_rl.models.policy.lm_policy import Policy
+
+    policy = object.__new__(Policy)  # only the split: no workers
+    policy.world_size, policy.group_size, policy.dp_size = 4, 2, 2
+    batch = BatchedDataDict(input_ids=torch.arange(8)[:, None])
+    shards = policy._shards(batch)
+    rows = [s["input_ids"][:, 0].tolist() for s in shards]
+    assert rows == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]

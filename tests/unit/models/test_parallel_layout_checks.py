@@ -78,3 +78,17 @@ def test_policy_sends_each_data_parallel_shard_to_its_whole_tensor_parallel_grou
     shards = policy._shards(batch)
     rows = [s["input_ids"][:, 0].tolist() for s in shards]
     assert rows == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+
+
+PLAN = {"model.layers.*.mlp.down_proj": RowwiseParallel()}
+
+
+def test_custom_parallel_plan_is_imported_by_dotted_path_or_refused_naming_the_key():
+    from nemo_rl.models.parallelize import load_parallel_plan
+
+    model = _meta_model(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **TINY))
+    assert load_parallel_plan(f"{__name__}.PLAN", model, sequence_parallel=False) is PLAN
+    with pytest.raises(ValueError, match=r"custom_parallel_plan='no_such_module.PLAN': cannot import it"):
+        load_parallel_plan("no_such_module.PLAN", model, sequence_parallel=False)
+    with pytest.raises(ValueError, match=r"custom_parallel_plan=.*TINY.*expected a dict of module-name patterns"):
+        load_parallel_plan(f"{__name__}.TINY", model, sequence_parallel=False)

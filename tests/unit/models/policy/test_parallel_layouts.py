@@ -12,6 +12,7 @@ import pytest
 import torch
 from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, run_ranks, save_tiny_llama
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
@@ -34,8 +35,10 @@ def _train(rank, model_dir, dtensor_cfg, out_path):
         local = make_batch(step).shard_by_batch_size(worker.dp_size)[worker.dp_rank]
         steps.append(worker.train(local, NLLLoss(), MicroBatchPlan(2)))
     weights = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    layer = worker.model.model.layers[0]
+    mesh_dims = {name: layer.get_submodule(name).weight.device_mesh.mesh_dim_names for name in ("self_attn.q_proj", "mlp.gate_proj")}
     if rank == 0:
-        torch.save({"steps": steps, "weights": weights}, out_path)
+        torch.save({"steps": steps, "weights": weights, "mesh_dims": mesh_dims}, out_path)
     worker.shutdown()
 
 
@@ -67,6 +70,26 @@ def test_layout_equals_the_single_process_reference(layout, reference, tmp_path)
     out_path = str(tmp_path / "result.pt")
     run_ranks(world_size, _train, model_dir, dtensor_cfg, out_path)
     _compare(torch.load(out_path), history, model)
+
+
+def mlp_only_plan(model, sequence_parallel):
+    """A custom plan (policy.dtensor_cfg.custom_parallel_plan): only the MLPs tensor-parallel."""
+    assert not sequence_parallel
+    return {
+        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
+        "model.layers.*.mlp.up_proj": ColwiseParallel(),
+        "model.layers.*.mlp.down_proj": RowwiseParallel(),
+    }
+
+
+@pytest.mark.slow
+def test_custom_parallel_plan_is_honoured(reference, tmp_path):
+    model_dir, history, model = reference
+    layout = {"tensor_parallel_size": 2, "custom_parallel_plan": f"{__name__}.mlp_only_plan"}
+    run_ranks(2, _train, model_dir, layout, str(tmp_path / "custom.pt"))
+    got = torch.load(tmp_path / "custom.pt")
+    assert "tp" in got["mesh_dims"]["mlp.gate_proj"] and "tp" not in got["mesh_dims"]["self_attn.q_proj"]
+    _compare(got, history, model)
 
 
 LORA = {"enabled": True, "dim": 4, "alpha": 8}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from nemo_rl.algorithms.chunked_loss import chunked_nll_sum
 from nemo_rl.data.batched_data_dict import BatchedDataDict
@@ -39,7 +40,12 @@ class NLLLoss(LossFn):
             logits_BT1V.reshape(-1, logits_BT1V.shape[-1]),
             targets_BT1.reshape(-1),
             reduction="none",
-        ).view_as(mask_BT1)
+        )
+        if isinstance(nll_BT1, DTensor):
+            # Vocabulary-parallel logits (tensor parallelism, under `loss_parallel`): each
+            # token's NLL is already reduced over the vocabulary shards, the same on every rank.
+            nll_BT1 = nll_BT1.full_tensor()
+        nll_BT1 = nll_BT1.view_as(mask_BT1)
         nll_sum = (nll_BT1 * mask_BT1).sum()
         # An all-masked global batch has no tokens: its loss is 0, not NaN.
         loss = nll_sum / global_valid_tokens.to(nll_sum).clamp(min=1.0)

@@ -7,6 +7,7 @@ own the model shards. Each function here reads top to bottom and calls the rest 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from nemo_rl.data.tokenizer import get_tokenizer
 from nemo_rl.distributed import RayVirtualCluster, WorkerDiedError, init_ray, resolve_device, shutdown_ray
 from nemo_rl.distributed.devices import Device
 from nemo_rl.models.lora import describe_parameters
+from nemo_rl.models.parallelize import check_parallel_layout, import_parallel_plan
 from nemo_rl.models.policy import Policy
 from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.models.policy.optim import check_optimizer_config
@@ -96,6 +98,7 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     worker starts), then Ray, then the policy."""
     started_at = time.time()
     device = _resolve_device(cfg)
+    check_parallel_layout(cfg.policy)
     check_import_paths(cfg)
     checkpointer = CheckpointManager(cfg.checkpointing)
     resumed_from = select_checkpoint(checkpointer, cfg.checkpointing.resume, enabled=cfg.checkpointing.enabled)
@@ -113,7 +116,7 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
         progress = _restore_driver_state(checkpointer, resumed_from, loaders.train, fingerprint)
 
     logger = Logger(cfg.logger, run_config=cfg.model_dump(mode="json"))
-    init_ray(temp_dir=str(logger.run_dir / "ray"))
+    init_ray(temp_dir=str(logger.run_dir / "ray"), num_cpus=_local_cpu_slots(cfg, device))
     cluster, policy = _start_workers(cfg, device, resumed_from)
     lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
     _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
@@ -150,6 +153,8 @@ def check_import_paths(cfg: MasterConfig) -> None:
         )
         if policy.hf_config_overrides:
             load_hf_config(policy.model_name, trust_remote_code=policy.trust_remote_code, overrides=policy.hf_config_overrides)
+        if policy.dtensor_cfg.custom_parallel_plan is not None:
+            import_parallel_plan(policy.dtensor_cfg.custom_parallel_plan)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -460,6 +465,15 @@ def _resolve_device(cfg: MasterConfig) -> Device:
     if problem:
         raise ConfigError(f"{problem} (cluster.device={cfg.cluster.device} resolved to {device})")
     return device
+
+
+def _local_cpu_slots(cfg: MasterConfig, device: Device) -> int | None:
+    """Logical CPUs for a local cluster of CPU workers: at least one per worker, so that a
+    layout of more workers than cores (TP 2 x DP 2 on a 2-core laptop) still starts. Ignored
+    when attaching to a running cluster; None (the machine's cores) on GPUs."""
+    if device != "cpu":
+        return None
+    return max(os.cpu_count() or 1, cfg.cluster.world_size(device))
 
 
 def _start_workers(cfg: MasterConfig, device: Device, checkpoint: Path | None) -> tuple[RayVirtualCluster, Policy]:

@@ -125,9 +125,6 @@ class DTensorConfig(Section):
     # NeMo RL's choice between its two DTensor workers; this build has one DTensor worker (with
     # the v2 features: LoRA, HF-format checkpoints), which both values get.
     v2: bool = Field(True, alias="_v2")
-    # HSDP: the data-parallel ranks split into dp_replicate_size groups that each hold a full
-    # FSDP-sharded copy. Only 1 (plain FSDP over every rank) for now.
-    dp_replicate_size: int = Field(1, ge=1)
     automodel_kwargs: dict[str, Any] = Field(default_factory=dict)
     env_vars: dict[str, str] = Field(default_factory=dict)
     cpu_offload: bool = False
@@ -135,6 +132,11 @@ class DTensorConfig(Section):
     activation_checkpointing: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
     context_parallel_size: int = Field(1, ge=1)
+    # HSDP: FSDP shards within groups of world / (dp_replicate x cp x tp) ranks and replicates
+    # over dp_replicate_size of them.
+    dp_replicate_size: int = Field(1, ge=1)
+    # A dotted path to a tensor-parallel plan (a dict of module patterns -> DTensor parallel
+    # styles, or a function (model, sequence_parallel) -> one); null: the model's own plan.
     custom_parallel_plan: str | None = None
     lora_cfg: LoRAConfig = Field(default_factory=LoRAConfig)
     # torch.compile each decoder layer (needs a C++ compiler on CPU, Triton on GPUs).
@@ -148,12 +150,7 @@ class DTensorConfig(Section):
     attn_implementation: str | None = None
 
     @model_validator(mode="after")
-    def _refuse_model_parallel_keys(self) -> DTensorConfig:
-        if self.dp_replicate_size > 1:
-            raise ValueError(
-                f"dp_replicate_size={self.dp_replicate_size} asks for HSDP (replicated FSDP groups), "
-                "which this build does not have yet (it shards every rank with one FSDP2 group); set it to 1"
-            )
+    def _check_parallel_keys(self) -> DTensorConfig:
         unsupported = sorted(set(self.automodel_kwargs) - set(AUTOMODEL_KWARGS_HONOURED))
         if unsupported:
             raise ValueError(
@@ -161,19 +158,48 @@ class DTensorConfig(Section):
                 "backends), which this build does not have: it builds Hugging Face's implementation "
                 f"of the model; only {list(AUTOMODEL_KWARGS_HONOURED)} is accepted. Remove them"
             )
-        # Both belong to tensor parallelism, which this build does not shard with yet: refused
-        # rather than accepted and ignored.
-        if self.sequence_parallel:
+        # Each would be accepted and ignored otherwise.
+        if self.sequence_parallel and self.tensor_parallel_size == 1:
             raise ValueError(
-                "sequence_parallel=true needs tensor parallelism, which this build does not have "
-                "(it shards with FSDP2 data parallelism only); set it to false"
+                "sequence_parallel=true shards the sequence between tensor-parallel "
+                "regions and needs tensor_parallel_size > 1; set it to false or raise tensor_parallel_size"
             )
-        if self.custom_parallel_plan is not None:
+        if self.custom_parallel_plan is not None and self.tensor_parallel_size == 1:
             raise ValueError(
-                f"custom_parallel_plan={self.custom_parallel_plan!r}: a tensor-parallel plan, which "
-                "this build does not apply (it shards with FSDP2 data parallelism only); set it to null"
+                f"custom_parallel_plan={self.custom_parallel_plan!r} is a tensor-parallel "
+                "plan and needs tensor_parallel_size > 1; set it to null or raise tensor_parallel_size"
+            )
+        if self.sequence_parallel and self.lora_cfg.enabled:
+            raise ValueError(
+                "sequence_parallel=true with lora_cfg.enabled=true: the adapters of "
+                "row-parallel layers are not sequence-parallel in this build; set sequence_parallel=false "
+                "(tensor parallelism with LoRA works without it)"
+            )
+        if self.context_parallel_size > 1:
+            raise ValueError(
+                f"context_parallel_size={self.context_parallel_size}: context "
+                "parallelism is not available in this build; set it to 1"
             )
         return self
+
+    def model_parallel_size(self) -> int:
+        """The ranks that hold the same rows of a batch (one tensor- x context-parallel group)."""
+        return self.tensor_parallel_size * self.context_parallel_size
+
+    def layout_problem(self, world_size: int) -> str | None:
+        """Why this layout does not divide `world_size` ranks, or None when it does."""
+        needed = self.model_parallel_size() * self.dp_replicate_size
+        if world_size % needed:
+            return (
+                f"world size {world_size} is not a multiple of policy.dtensor_cfg.tensor_parallel_size="
+                f"{self.tensor_parallel_size} x context_parallel_size={self.context_parallel_size} x "
+                f"dp_replicate_size={self.dp_replicate_size} = {needed}"
+            )
+        return None
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """dp_replicate x dp_shard: the number of different shards of each global batch."""
+        return world_size // self.model_parallel_size()
 
 
 class DynamicBatchingConfig(Section):
@@ -496,12 +522,6 @@ class MasterConfig(Section):
                 f"data.max_input_seq_length={self.data.max_input_seq_length} exceeds "
                 f"policy.max_total_sequence_length={self.policy.max_total_sequence_length}"
             )
-        parallel = self.policy.dtensor_cfg
-        if parallel.tensor_parallel_size > 1 or parallel.context_parallel_size > 1:
-            raise ValueError(
-                "policy.dtensor_cfg.tensor_parallel_size and context_parallel_size must be 1: "
-                "this build shards with FSDP2 data parallelism only"
-            )
         # With `device: auto` the world size depends on the machine the job runs on, so the
         # check waits for the cluster layer there (sft.setup), still before any worker starts.
         if self.cluster.device != "auto":
@@ -512,13 +532,21 @@ class MasterConfig(Section):
 
 
 def batch_split_problem(policy: PolicyConfig, world_size: int) -> str | None:
-    """Why `policy.train_global_batch_size` does not split over `world_size` data-parallel
-    workers into whole micro-batches, or None when it does."""
-    per_rank, remainder = divmod(policy.train_global_batch_size, world_size)
+    """Why the parallel layout does not divide `world_size` ranks, or why
+    `policy.train_global_batch_size` does not split over the data-parallel ranks (world size /
+    (tensor x context parallel size)) into whole micro-batches; None when both hold."""
+    parallel = policy.dtensor_cfg
+    layout = parallel.layout_problem(world_size)
+    if layout:
+        return layout
+    dp_size = parallel.data_parallel_size(world_size)
+    per_rank, remainder = divmod(policy.train_global_batch_size, dp_size)
     if remainder or per_rank % policy.train_micro_batch_size:
         return (
             f"policy.train_global_batch_size={policy.train_global_batch_size} must split "
-            f"evenly over {world_size} workers into micro-batches of "
+            f"evenly over {dp_size} data-parallel ranks ({world_size} workers / "
+            f"tensor_parallel_size={parallel.tensor_parallel_size} x "
+            f"context_parallel_size={parallel.context_parallel_size}) into micro-batches of "
             f"policy.train_micro_batch_size={policy.train_micro_batch_size}"
         )
     return None

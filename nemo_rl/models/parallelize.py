@@ -1,17 +1,24 @@
 """Parallelism applied to a Hugging Face causal LM by plain functions, called in this order:
 
+    mesh = build_device_mesh(...)              # (dp_replicate, dp_shard, cp, tp), once per worker
+    apply_tensor_parallel(model, mesh.tp, tensor_parallel_plan(model, ...))   # tp > 1
     apply_activation_checkpointing(model)      # optional
     apply_compile(model)                       # optional
-    apply_fsdp(model, mesh, param_dtype=..., reduce_dtype=..., cpu_offload=...)
+    apply_fsdp(model, mesh.fsdp, param_dtype=..., reduce_dtype=..., cpu_offload=...)
 
 Nothing here subclasses the model; each function changes it in place and returns it.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
+from typing import Any
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -19,6 +26,21 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from transformers import AutoConfig
+
+from nemo_rl.config import ConfigError
+from nemo_rl.config.schema import PolicyConfig
+from nemo_rl.models.lora import LoRALinear
 
 PRECISIONS: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -94,3 +116,244 @@ def apply_fsdp(
             # Plain SUM collectives (no PREMUL_SUM), which every backend, gloo included, has.
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+# ---------------------------------------------------------------- device mesh and tensor parallelism
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The one mesh of a run, (dp_replicate, dp_shard, cp, tp), and the views the worker uses:
+    `dp` (replicate x shard: the ranks that see different rows), `fsdp` (what FSDP shards over,
+    2-D for HSDP: replicate x shard) and `tp`."""
+
+    root: DeviceMesh
+    dp: DeviceMesh
+    fsdp: DeviceMesh
+    tp: DeviceMesh
+
+
+def build_device_mesh(
+    device_type: str, world_size: int, *, tensor_parallel_size: int, context_parallel_size: int, dp_replicate_size: int
+) -> ParallelMesh:
+    """Data parallelism (dp_shard) fills what tensor, context and replicate parallelism leave.
+
+    Rank r sits at ((replicate * dp_shard + shard) * cp + cp_rank) * tp + tp_rank, so the ranks of
+    one tensor-parallel group are consecutive (one node's fast links on GPUs); `Policy` sends
+    each data-parallel shard of a batch to such a consecutive group.
+    """
+    model_parallel = tensor_parallel_size * context_parallel_size * dp_replicate_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of tensor_parallel_size={tensor_parallel_size} x "
+            f"context_parallel_size={context_parallel_size} x dp_replicate_size={dp_replicate_size}"
+        )
+    shape = (dp_replicate_size, world_size // model_parallel, context_parallel_size, tensor_parallel_size)
+    root = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    dp = root["dp_replicate", "dp_shard"]._flatten("dp")
+    shard_cp = root["dp_shard", "cp"]._flatten("dp_shard_cp")
+    fsdp = root["dp_replicate", "dp_shard"] if dp_replicate_size > 1 else shard_cp
+    if dp_replicate_size > 1 and context_parallel_size > 1:
+        raise ValueError("HSDP (dp_replicate_size > 1) with context parallelism is not available")
+    return ParallelMesh(root=root, dp=dp, fsdp=fsdp, tp=root["tp"])
+
+
+def tensor_parallel_problem(model_config, tensor_parallel_size: int) -> str | None:
+    """Why the model (a transformers config) cannot be split over `tensor_parallel_size` ranks,
+    naming the number that fails, or None. Each rank takes whole attention heads, whole KV
+    heads and an equal slice of the vocabulary (embedding rows and output-layer logits)."""
+    if tensor_parallel_size == 1:
+        return None
+    text = model_config.get_text_config()
+    sizes = {
+        "num_attention_heads": getattr(text, "num_attention_heads", None),
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None),
+        "vocab_size": getattr(text, "vocab_size", None),
+    }
+    for name, size in sizes.items():
+        if size is not None and size % tensor_parallel_size:
+            return (
+                f"policy.dtensor_cfg.tensor_parallel_size={tensor_parallel_size} does not divide the "
+                f"model's {name}={size}"
+            )
+    return None
+
+
+def check_parallel_layout(policy_cfg: PolicyConfig) -> None:
+    """Refuses, before any worker starts, a tensor-parallel size the model's heads, KV heads or
+    vocabulary do not divide (reads the model's config only, not its weights)."""
+    tensor_parallel_size = policy_cfg.dtensor_cfg.tensor_parallel_size
+    if tensor_parallel_size == 1:
+        return
+    model_config = AutoConfig.from_pretrained(policy_cfg.model_name, trust_remote_code=policy_cfg.trust_remote_code)
+    problem = tensor_parallel_problem(model_config, tensor_parallel_size)
+    if problem:
+        raise ConfigError(f"{problem} (policy.model_name={policy_cfg.model_name})")
+
+
+# Transformers' plan vocabulary (`config.base_model_tp_plan`) that has a DTensor style here.
+_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Module-name patterns -> DTensor parallel styles for a decoder-only HF model.
+
+    The attention and MLP projections come from the plan the transformers config declares
+    (`base_model_tp_plan`: Llama, Qwen2, Mistral, Gemma 2 declare colwise q/k/v/gate/up and
+    rowwise o/down); other entries (fused projections, per-head norms) are refused, naming them.
+    Then the embedding is row-parallel (its vocabulary rows split), the output layer
+    column-parallel with its logits left vocabulary-sharded (a DTensor, never gathered whole:
+    the loss runs under `loss_parallel`), and with `sequence_parallel` the norms and residual
+    stream are sharded along the sequence between the tensor-parallel regions.
+    """
+    declared = getattr(model.config.get_text_config(), "base_model_tp_plan", None) or {}
+    if not declared:
+        raise ValueError(
+            f"{type(model).__name__} declares no tensor-parallel plan (config.base_model_tp_plan); "
+            "give one with policy.dtensor_cfg.custom_parallel_plan"
+        )
+    unsupported = {k: v for k, v in declared.items() if v not in _STYLES}
+    if unsupported:
+        raise ValueError(
+            f"{type(model).__name__}: tensor-parallel plan entries {unsupported} have no DTensor style "
+            "here (fused projections or per-head norms); give a plan with "
+            "policy.dtensor_cfg.custom_parallel_plan or use tensor_parallel_size=1"
+        )
+    base = model.base_model_prefix  # "model"
+    plan: dict[str, ParallelStyle] = {}
+    for pattern, kind in declared.items():
+        if kind == "rowwise" and sequence_parallel:
+            plan[f"{base}.{pattern}"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        else:
+            plan[f"{base}.{pattern}"] = _STYLES[kind]()
+    head = model.get_output_embeddings()
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    embed_name = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    if not sequence_parallel:
+        plan[embed_name] = RowwiseParallel(input_layouts=Replicate())
+        plan[head_name] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        return plan
+    # The embedding's output stays a DTensor so that the model sees the whole sequence length
+    # (masks, positions); each decoder block gathers it before attention and the MLP.
+    plan[embed_name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
+    plan[head_name] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    layers_prefix = f"{base}.layers.*"
+    plan[f"{layers_prefix}.self_attn"] = PrepareModuleInput(
+        input_kwarg_layouts={"hidden_states": Shard(1)},
+        desired_input_kwarg_layouts={"hidden_states": Replicate()},
+    )
+    plan[f"{layers_prefix}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    layer = decoder_layers(model)[0]
+    for name, child in layer.named_children():
+        if _is_norm(child):
+            plan[f"{layers_prefix}.{name}"] = SequenceParallel()
+    final_norm = getattr(getattr(model, base), "norm", None)
+    if final_norm is not None:
+        plan[f"{base}.norm"] = SequenceParallel()
+    return plan
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> nn.Module:
+    """`parallelize_module` with `plan`, keeping tied input/output embeddings one parameter.
+
+    Both get the same placement (vocabulary rows split: Shard(0)), so the output layer
+    simply points at the embedding's DTensor again after each was distributed separately.
+    """
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    plan = dict(plan)
+    for pattern, style in list(plan.items()):
+        targets = [m for name, m in model.named_modules() if _matches(pattern, name)]
+        if targets and all(isinstance(m, LoRALinear) for m in targets):
+            for lora_linear in targets:
+                _parallelize_lora_linear(lora_linear, tp_mesh, style)
+            del plan[pattern]
+    parallelize_module(model, tp_mesh, plan)
+    if tied:
+        head.weight = embed.weight
+    return model
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """`parallelize_module`'s matching: dot-separated atoms, each an fnmatch pattern."""
+    atoms, parts = pattern.split("."), name.split(".")
+    return len(atoms) == len(parts) and all(fnmatch.fnmatch(part, atom) for atom, part in zip(atoms, parts))
+
+
+def _parallelize_lora_linear(module: LoRALinear, tp_mesh: DeviceMesh, style: ParallelStyle) -> None:
+    """A column- or row-parallel `LoRALinear`: the frozen weight sharded as the plain linear's
+    would be, and the adapter so that its update lands on the same shards.
+
+    Column-parallel: A whole (replicated), B split along its outputs, like the weight. Row-
+    parallel: A split along its inputs, like the weight; its partial sums are reduced before the
+    (replicated) B. The outputs are those of the plain style (local shards, or the
+    sequence-sharded DTensor under sequence parallelism).
+    """
+    if isinstance(style, ColwiseParallel):
+        weight_placement, a_placement, b_placement = Shard(0), Replicate(), Shard(0)
+        bias_placement, input_placement = Shard(0), Replicate()
+    elif isinstance(style, RowwiseParallel):
+        weight_placement, a_placement, b_placement = Shard(1), Shard(1), Replicate()
+        bias_placement, input_placement = Replicate(), Shard(-1)
+    else:
+        raise ValueError(f"LoRA under tensor parallelism: no rule for a {type(style).__name__} adapter target")
+    placements = {"weight": weight_placement, "bias": bias_placement}
+
+    def distribute(name: str, submodule: nn.Module, mesh: DeviceMesh) -> None:
+        for param_name, param in list(submodule.named_parameters(recurse=False)):
+            if submodule is module:
+                placement = placements[param_name]
+            else:
+                placement = a_placement if submodule is module.lora_A else b_placement
+            sharded = nn.Parameter(distribute_tensor(param, mesh, [placement]), requires_grad=param.requires_grad)
+            submodule.register_parameter(param_name, sharded)
+
+    wanted_output = style.output_layouts[0] if isinstance(style.output_layouts, tuple) else style.output_layouts
+    use_local_output = style.use_local_output
+
+    def prepare_input(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [input_placement], run_check=False)
+        elif x.placements != (input_placement,):
+            x = x.redistribute(placements=[input_placement])
+        return (x, *inputs[1:])
+
+    def prepare_output(mod: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+        if output.placements != (wanted_output,):
+            output = output.redistribute(placements=[wanted_output])
+        return output.to_local() if use_local_output else output
+
+    distribute_module(module, tp_mesh, distribute, input_fn=prepare_input, output_fn=prepare_output)
+    if isinstance(style, RowwiseParallel):
+        # A's partial sums (its input is split) are reduced before B, whose weight is whole.
+        module.lora_A.register_forward_hook(lambda mod, inputs, out: out.redistribute(placements=[Replicate()]))
+
+
+def import_parallel_plan(dotted_path: str) -> Any:
+    """The object `custom_parallel_plan` names; ValueError naming the key when it cannot be imported."""
+    module_name, _, attribute = dotted_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"policy.dtensor_cfg.custom_parallel_plan={dotted_path!r}: cannot import it ({exc})") from exc
+
+
+def load_parallel_plan(dotted_path: str, model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """`custom_parallel_plan`: "package.module.NAME", a dict of patterns -> styles or a function
+    (model, sequence_parallel) -> such a dict (NeMo RL's form)."""
+    value = import_parallel_plan(dotted_path)
+    plan = value(model, sequence_parallel=sequence_parallel) if callable(value) else value
+    if not isinstance(plan, dict) or not all(isinstance(s, ParallelStyle) for s in plan.values()):
+        raise ValueError(
+            f"policy.dtensor_cfg.custom_parallel_plan={dotted_path!r}: expected a dict of module-name "
+            "patterns to torch.distributed.tensor.parallel styles (or a function returning one)"
+        )
+    return plan

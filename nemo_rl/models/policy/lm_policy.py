@@ -1,7 +1,9 @@
 """The driver's handle on the model: one `DTensorPolicyWorker` per reserved slot.
 
 The driver never holds weights. `Policy` splits each global batch contiguously over the
-data-parallel ranks, calls every worker, and merges their small metric dicts.
+data-parallel ranks, sends each shard to every rank of that data-parallel rank's tensor- x
+context-parallel group (consecutive ranks, see `parallelize.build_device_mesh`), calls every
+worker, and merges their small metric dicts (one per data-parallel rank where they differ).
 """
 
 from __future__ import annotations
@@ -54,14 +56,18 @@ class Policy:
             name_prefix="policy",
         )
         self.world_size = self.worker_group.world_size
+        # The ranks of one tensor- x context-parallel group hold the same rows.
+        self.group_size = policy_cfg.dtensor_cfg.model_parallel_size()
+        self.dp_size = self.world_size // self.group_size
         # {"trainable": ..., "total": ...}: parameter counts of the whole model (LoRA: adapter vs all).
         self.parameter_counts: dict[str, int] = self.worker_group.run_all("get_parameter_counts")[0]
 
     def train(self, batch: BatchedDataDict, loss_fn: LossFn) -> dict[str, Any]:
         """One optimizer step on the global `batch` with the algorithm's `loss_fn`, in the
         micro-batches the `policy` section configures."""
-        shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
+        shards = self._shards(batch)
         results = self.worker_group.run_sharded("train", shards, loss_fn=loss_fn, plan=self.train_plan)
+        per_dp_rank = results[:: self.group_size]
         # loss, grad_norm, lr and the global counts are already reduced: identical on all ranks.
         shared = ("loss", "grad_norm", "lr", "num_valid_tokens", "num_valid_samples", "num_tokens", "model_flops")
         metrics = {k: results[0][k] for k in shared}
@@ -70,16 +76,16 @@ class Policy:
         metrics["peak_memory_gb_per_worker"] = [r["peak_memory_gb"] for r in results]
         peaks = [r["peak_flops"] for r in results]
         metrics["peak_flops"] = sum(peaks) if all(peaks) else None  # of all workers together
-        metrics["local_valid_tokens_per_worker"] = [r["local_valid_tokens"] for r in results]
+        metrics["local_valid_tokens_per_worker"] = [r["local_valid_tokens"] for r in per_dp_rank]
         return metrics
 
     def validate(self, batch: BatchedDataDict, loss_fn: LossFn, *, micro_batch_size: int) -> dict[str, float]:
         """`loss_fn`'s sum over `batch` (no update) and its number of target tokens, for the
         caller to add up over batches and divide once. `micro_batch_size` rows per micro-batch,
         or that many longest sequences' tokens under dynamic batching or packing."""
-        shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
+        shards = self._shards(batch)
         plan = MicroBatchPlan.for_validation(self.cfg, micro_batch_size)
-        results = self.worker_group.run_sharded("validate", shards, loss_fn=loss_fn, plan=plan)
+        results = self.worker_group.run_sharded("validate", shards, loss_fn=loss_fn, plan=plan)[:: self.group_size]
         return {
             "loss_sum": sum(r["loss_sum"] for r in results),
             "num_valid_tokens": sum(r["num_valid_tokens"] for r in results),
@@ -96,9 +102,14 @@ class Policy:
             ),
             input_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.int64),
         )
-        shards = batch.pad_batch_to_multiple(self.world_size).shard_by_batch_size(self.world_size)
-        results = self.worker_group.run_sharded("generate_greedy", shards, max_new_tokens=max_new_tokens)
+        shards = self._shards(batch)
+        results = self.worker_group.run_sharded("generate_greedy", shards, max_new_tokens=max_new_tokens)[:: self.group_size]
         return [ids for rank_ids in results for ids in rank_ids][: len(prompts)]
+
+    def _shards(self, batch: BatchedDataDict) -> list[BatchedDataDict]:
+        """One shard per worker: data-parallel rank d's shard to ranks d*group .. (d+1)*group-1."""
+        shards = batch.pad_batch_to_multiple(self.dp_size).shard_by_batch_size(self.dp_size)
+        return [shards[rank // self.group_size] for rank in range(self.world_size)]
 
     def save_checkpoint(
         self,

@@ -62,12 +62,12 @@ def test_auto_device_batch_split_is_checked_where_the_job_runs(tmp_path, monkeyp
     """With device auto the schema cannot know the world size; setup checks it once resolved."""
     cfg = _config(tmp_path, cluster={"device": "auto", "cpu_workers_per_node": 3})  # 4 rows over 3 workers
     monkeypatch.setattr(sft, "resolve_device", lambda requested: "cpu")
-    with pytest.raises(ConfigError, match=r"must split evenly over 3 workers.*cluster.device=auto resolved to cpu"):
+    with pytest.raises(ConfigError, match=r"must split evenly over 3 data-parallel ranks \(3 workers.*cluster.device=auto resolved to cpu"):
         sft.setup(cfg)
 
 
 def test_explicit_device_batch_split_is_refused_at_validation(tmp_path):
-    with pytest.raises(ValueError, match="must split evenly over 3 workers"):
+    with pytest.raises(ValueError, match="must split evenly over 3 data-parallel ranks \\(3 workers"):
         _config(tmp_path, cluster={"device": "cpu", "cpu_workers_per_node": 3})
 
 

@@ -50,14 +50,20 @@ def test_sequence_packing_recipe_loads_with_largest_first_and_unused_logprob_key
     assert [e.name.rsplit(".", 1)[1] for e in entries] == ["LinearLR", "ConstantLR"] and milestones == [10]
 
 
+def test_model_parallel_recipes_load_with_their_layouts():
+    hsdp = _load("recipes/sft-llama3.1-70b-8n8g-hsdp.yaml").policy.dtensor_cfg
+    assert hsdp.dp_replicate_size == 8 and hsdp.data_parallel_size(64) == 64
+    tp = _load("recipes/sft-llama3.1-8b-1n8g-fsdp2tp2.yaml").policy.dtensor_cfg
+    assert (tp.tensor_parallel_size, tp.sequence_parallel, tp.data_parallel_size(8)) == (2, True, 4)
+
+
 @pytest.mark.parametrize(
     ("recipe", "feature"),
     [
         ("sft-llama3.1-8b-1n8g-megatron.yaml", "policy.megatron_cfg.enabled=true: this is a Megatron-core config, and the Megatron backend is not available"),
-        ("sft-llama3.1-70b-8n8g-hsdp.yaml", "policy.dtensor_cfg: dp_replicate_size=8 asks for HSDP"),
+        ("sft-llama3.1-8b-2n8g-cp2.yaml", "policy.dtensor_cfg: context_parallel_size=2: context parallelism is not available"),
         ("sft-llama3.1-8b-4n8g-gb200-segments.yaml", "cluster.segment_size: 2 asks for placement by NVLink segment"),
         ("sft-qwen3-30ba3b-1n8g-automodel-liger.yaml", "policy.dtensor_cfg: automodel_kwargs ['use_liger_kernel']: NeMo AutoModel's model options"),
-        ("sft-llama3.1-8b-1n8g-fsdp2tp2.yaml", "policy.dtensor_cfg: sequence_parallel=true needs tensor parallelism"),
     ],
 )
 def test_a_recipe_needing_a_missing_feature_gets_one_error_naming_it(recipe, feature):

@@ -85,13 +85,42 @@ def test_compile_is_off_and_the_chunked_loss_on_by_default():
 
 @pytest.mark.parametrize(
     "dtensor_cfg, refused",
-    [({"sequence_parallel": True}, "sequence_parallel=true"), ({"custom_parallel_plan": "my.plan"}, "custom_parallel_plan='my.plan'")],
+    [
+        ({"sequence_parallel": True}, "sequence_parallel=true .* needs tensor_parallel_size > 1"),
+        ({"custom_parallel_plan": "my.plan"}, "custom_parallel_plan='my.plan' .* needs tensor_parallel_size > 1"),
+        ({"context_parallel_size": 2}, "context_parallel_size=2: context parallelism is not available"),
+        (
+            {"tensor_parallel_size": 2, "sequence_parallel": True, "lora_cfg": {"enabled": True}},
+            "sequence_parallel=true with lora_cfg.enabled=true",
+        ),
+    ],
 )
-def test_tensor_parallel_only_keys_are_refused_not_ignored(dtensor_cfg, refused):
+def test_tensor_parallel_only_keys_need_tensor_parallelism(dtensor_cfg, refused):
     with pytest.raises(ValidationError, match=refused):
         policy(dtensor_cfg=dtensor_cfg)
-    # their defaults, as NeMo RL's recipes spell them out, load
+    # their defaults, as NeMo RL's recipes spell them out, load; with TP they are honoured
     policy(dtensor_cfg={"sequence_parallel": False, "custom_parallel_plan": None})
+    policy(dtensor_cfg={"tensor_parallel_size": 2, "sequence_parallel": True, "custom_parallel_plan": "my.plan"})
+
+
+@pytest.mark.parametrize(
+    "dtensor_cfg, world_size, refused",
+    [
+        ({"tensor_parallel_size": 4}, 6, r"world size 6 is not a multiple of .*tensor_parallel_size=4 .* = 4"),
+        ({"tensor_parallel_size": 2, "dp_replicate_size": 2}, 6, r"world size 6 .*dp_replicate_size=2 = 4"),
+        # 8 rows over 8 / 2 = 4 data-parallel ranks, not 8: the batch check uses that size
+        ({"tensor_parallel_size": 2}, 8, None),
+        ({"tensor_parallel_size": 2}, 32, r"over 16 data-parallel ranks \(32 workers / tensor_parallel_size=2"),
+    ],
+)
+def test_batch_split_uses_the_data_parallel_size(dtensor_cfg, world_size, refused):
+    from nemo_rl.config.schema import batch_split_problem
+
+    problem = batch_split_problem(policy(dtensor_cfg=dtensor_cfg, train_global_batch_size=8, train_micro_batch_size=1), world_size)
+    if refused is None:
+        assert problem is None
+    else:
+        assert problem is not None and re.search(refused, problem), problem
 
 
 def test_gpu_monitoring_takes_nemo_rl_keys_with_positive_intervals():
@@ -110,7 +139,7 @@ def test_gpu_monitoring_takes_nemo_rl_keys_with_positive_intervals():
     ("changes", "message"),
     [
         ({"dtensor_cfg": {"dp_replicate_size": 0}}, "greater than or equal to 1"),
-        ({"dtensor_cfg": {"dp_replicate_size": 2}}, "asks for HSDP"),
+        ({"dtensor_cfg": {"context_parallel_size": 2}}, "context parallelism is not available"),
         ({"dtensor_cfg": {"automodel_kwargs": {"backend": {"attn": "te"}}}}, "automodel_kwargs ['backend']"),
         ({"sequence_packing": {"microbatch_order": "smallest_first"}}, "'packer' or 'largest_first'"),
         ({"dynamic_batching": {"logprob_mb_tokens": 0}}, "greater than or equal to 1"),

@@ -20,6 +20,7 @@ What one `train(batch, loss_fn, plan)` call does, for this rank's shard of the g
 from __future__ import annotations
 
 import logging
+import contextlib
 import math
 import os
 import resource
@@ -35,8 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from transformers import AutoModelForCausalLM
 
 from nemo_rl.config.schema import PolicyConfig
@@ -44,7 +45,17 @@ from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.data.targets import count_valid_tokens
 from nemo_rl.distributed.worker_env import init_torch_distributed
 from nemo_rl.models.lora import apply_lora, merge_lora_state_dict, parameter_counts, peft_target_modules, save_peft_adapter
-from nemo_rl.models.parallelize import PRECISIONS, apply_activation_checkpointing, apply_compile, apply_fsdp
+from nemo_rl.models.parallelize import (
+    PRECISIONS,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    apply_tensor_parallel,
+    build_device_mesh,
+    load_parallel_plan,
+    tensor_parallel_plan,
+    tensor_parallel_problem,
+)
 from nemo_rl.models.policy.forward import (
     forward_hidden_states,
     forward_logits,
@@ -94,20 +105,51 @@ class DTensorPolicyWorker:
         self.tied_keys = shared_parameter_aliases(model)
         # Checked on the loaded model (a few tokens, before compiling and sharding) rather
         # than assumed; see models/policy/forward.py.
-        self.chunked_loss = policy_cfg.dtensor_cfg.chunked_loss and output_layer_gives_logits(model)
+        parallel = policy_cfg.dtensor_cfg
+        self.tensor_parallel = parallel.tensor_parallel_size > 1
+        # Under tensor parallelism the logits are already vocabulary-sharded (never whole on a
+        # rank), and the plain loss runs on them under `loss_parallel`: no chunking needed.
+        self.chunked_loss = parallel.chunked_loss and not self.tensor_parallel and output_layer_gives_logits(model)
         if policy_cfg.sequence_packing.enabled and not packed_attention_is_isolated(model):
             raise ValueError(
                 f"policy.sequence_packing: {policy_cfg.model_name} lets packed samples attend to each "
                 "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
             )
-        mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
+        mesh = build_device_mesh(
+            self.device.type,
+            self.world_size,
+            tensor_parallel_size=parallel.tensor_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+            dp_replicate_size=parallel.dp_replicate_size,
+        )
+        self.mesh = mesh
+        # The ranks that see different data: counts and losses are summed over these only
+        # (the ranks of one tensor-parallel group hold the same rows).
+        self.dp_group = mesh.dp.get_group()
+        self.dp_rank, self.dp_size = mesh.dp.get_local_rank(), mesh.dp.size()
+        if self.tensor_parallel:
+            problem = tensor_parallel_problem(model.config, parallel.tensor_parallel_size)
+            if problem:
+                raise ValueError(f"{problem} ({policy_cfg.model_name})")
+            if parallel.custom_parallel_plan is not None:
+                plan = load_parallel_plan(parallel.custom_parallel_plan, model, sequence_parallel=parallel.sequence_parallel)
+            else:
+                plan = tensor_parallel_plan(model, sequence_parallel=parallel.sequence_parallel)
+            apply_tensor_parallel(model, mesh.tp, plan)
+            # DTensor warns on every gradient-norm reduction and full-state gather over the 2-D
+            # (dp, tp) mesh that it runs two collectives instead of one: expected here, and
+            # repeated every step by every rank.
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+            # Generation takes the argmax over the whole vocabulary: only it gathers the logits.
+            self._gather_logits = False
+            model.get_output_embeddings().register_forward_hook(self._maybe_gather_logits)
         if policy_cfg.dtensor_cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if policy_cfg.dtensor_cfg.compile:
             apply_compile(model)
         apply_fsdp(
             model,
-            mesh,
+            mesh.fsdp,
             param_dtype=PRECISIONS[policy_cfg.precision],
             reduce_dtype=torch.float32,
             cpu_offload=policy_cfg.dtensor_cfg.cpu_offload,
@@ -139,16 +181,17 @@ class DTensorPolicyWorker:
         flops = training_flops(self.model.config, lengths, num_targets=int(local_valid_tokens.item()), lora_params=lora_params)
         work = torch.tensor([sum(lengths), flops], dtype=torch.float64)
         counts = torch.cat([torch.stack([local_valid_tokens, local_valid_samples]), work]).to(self.device)
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=self.dp_group)
         global_valid_tokens = counts[0].to(torch.float32)
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in self._micro_batches(batch, plan):
-            loss, _ = self._loss(loss_fn, mb.to(self.device), global_valid_tokens)
-            loss.backward()
+            with self._loss_context():
+                loss, _ = self._loss(loss_fn, mb.to(self.device), global_valid_tokens)
+                loss.backward()
             loss_sum += loss.detach()
             del loss  # free this micro-batch's activations before the next forward
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum, group=self.dp_group)
 
         grad_norm = self._clip_grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -181,7 +224,8 @@ class DTensorPolicyWorker:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         num_valid_tokens = 0.0
         for mb in self._micro_batches(batch, plan):
-            loss, metrics = self._loss(loss_fn, mb.to(self.device), torch.ones((), device=self.device))
+            with self._loss_context():
+                loss, metrics = self._loss(loss_fn, mb.to(self.device), torch.ones((), device=self.device))
             loss_sum += loss
             num_valid_tokens += metrics["num_valid_tokens"].item()
         return {"loss_sum": loss_sum.item(), "num_valid_tokens": num_valid_tokens}
@@ -190,7 +234,7 @@ class DTensorPolicyWorker:
     def get_logits(self, batch: BatchedDataDict) -> torch.Tensor:
         """logits_BTV (fp32, CPU) for this rank's `batch`, padding positions included."""
         self.model.eval()
-        return forward_logits(self.model, batch.to(self.device)).float().cpu()
+        return _full_tensor(forward_logits(self.model, batch.to(self.device))).float()
 
     @torch.no_grad()
     def generate_greedy(self, batch: BatchedDataDict, *, max_new_tokens: int) -> list[list[int]]:
@@ -207,6 +251,7 @@ class DTensorPolicyWorker:
         pad_id = generation_config.pad_token_id
         pad_id = pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)
         continuations = []
+        self._gather_logits = True
         for row in range(batch.size):
             length = max(int(batch["input_lengths"][row]), 1)
             prompt_1T = batch["input_ids"][row : row + 1, :length].to(self.device)
@@ -221,7 +266,16 @@ class DTensorPolicyWorker:
             new_ids = out_1T[0, length:].tolist()
             end = next((i + 1 for i, token in enumerate(new_ids) if token in eos_ids), len(new_ids))
             continuations.append(new_ids[:end])
+        self._gather_logits = False
         return continuations
+
+    def _maybe_gather_logits(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.full_tensor() if self._gather_logits and isinstance(output, DTensor) else output
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """Cross-entropy on vocabulary-sharded logits (TP): each rank reduces its slice of the
+        vocabulary and they exchange per-token maxima and sums, never the logits."""
+        return loss_parallel() if self.tensor_parallel else contextlib.nullcontext()
 
     def _micro_batches(self, batch: BatchedDataDict, plan: MicroBatchPlan) -> list[BatchedDataDict]:
         return micro_batches(batch, plan, max_over_ranks=self._max_over_ranks)
@@ -241,12 +295,22 @@ class DTensorPolicyWorker:
     def _clip_grad_norm(self) -> float:
         """The norm of the whole gradient (all shards), clipped to `max_grad_norm` if set."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-        if isinstance(total_norm, DTensor):
-            # The per-shard norms are a Partial placement; full_tensor() reduces them.
-            total_norm = total_norm.full_tensor()
+        # Under tensor parallelism some parameters live on the (dp, tp) mesh and others (not in
+        # the plan) on the data-parallel mesh only; DTensor cannot stack norms across meshes.
+        by_mesh: dict[Any, list[torch.Tensor]] = {}
+        for p in params:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        norms = []
+        for group in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
+            if isinstance(norm, DTensor):
+                # The per-shard norms are a Partial placement; full_tensor() reduces them.
+                norm = norm.full_tensor()
+            norms.append(norm)
+        total_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, total_norm)
+            for group in by_mesh.values():
+                torch.nn.utils.clip_grads_with_norm_(group, self.cfg.max_grad_norm, total_norm)
         return total_norm.item()
 
     def _peak_memory_gb(self) -> float:

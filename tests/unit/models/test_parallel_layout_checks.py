@@ -1,0 +1,94 @@
+"""Layouts refused before any worker starts, naming the number that fails; the tensor-parallel
+plan each supported family gets (from its transformers config), and those refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.unit.models.policy.policy_test_utils import policy_config, save_tiny_llama
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+from nemo_rl.config import ConfigError
+from nemo_rl.models.parallelize import check_parallel_layout, tensor_parallel_plan, tensor_parallel_problem
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=32)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, vocab, tp, refused",
+    [
+        (4, 2, 128, 3, "policy.dtensor_cfg.tensor_parallel_size=3 does not divide the model's num_attention_heads=4"),
+        (4, 2, 128, 4, "policy.dtensor_cfg.tensor_parallel_size=4 does not divide the model's num_key_value_heads=2"),
+        (8, 8, 130, 4, "policy.dtensor_cfg.tensor_parallel_size=4 does not divide the model's vocab_size=130"),
+        (4, 2, 128, 2, None),
+    ],
+)
+def test_tensor_parallel_problem_names_the_number(heads, kv_heads, vocab, tp, refused):
+    config = LlamaConfig(num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, **TINY)
+    assert tensor_parallel_problem(config, tp) == refused
+
+
+def test_the_layout_is_checked_from_the_model_config(tmp_path):
+    model_dir = save_tiny_llama(str(tmp_path / "model"))  # 4 heads, 2 KV heads, vocabulary 128
+    check_parallel_layout(policy_config(model_dir, dtensor_cfg={"tensor_parallel_size": 2}))
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=4 does not divide the model's num_key_value_heads=2"):
+        check_parallel_layout(policy_config(model_dir, dtensor_cfg={"tensor_parallel_size": 4}))
+
+
+def _meta_model(config):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("config_class", [LlamaConfig, Qwen2Config, MistralConfig])
+def test_declared_plans_become_colwise_and_rowwise_styles(config_class):
+    model = _meta_model(config_class(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **TINY))
+    plan = tensor_parallel_plan(model, sequence_parallel=False)
+    assert isinstance(plan["model.layers.*.self_attn.q_proj"], ColwiseParallel)
+    assert isinstance(plan["model.layers.*.mlp.down_proj"], RowwiseParallel)
+    assert isinstance(plan["model.embed_tokens"], RowwiseParallel)
+    # vocabulary-parallel logits, left sharded for loss_parallel
+    head = plan["lm_head"]
+    assert isinstance(head, ColwiseParallel) and head.use_local_output is False
+    sp_plan = tensor_parallel_plan(model, sequence_parallel=True)
+    for norm in ("model.norm", "model.layers.*.input_layernorm", "model.layers.*.post_attention_layernorm"):
+        assert isinstance(sp_plan[norm], SequenceParallel), norm
+
+
+@pytest.mark.parametrize(
+    "config, entry",
+    [
+        (Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, **TINY), "replicated_with_grad_allreduce"),
+        (Phi3Config(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, pad_token_id=0, **TINY), "colwise_gather_output"),
+    ],
+)
+def test_plans_with_entries_we_cannot_apply_are_refused_naming_them(config, entry):
+    with pytest.raises(ValueError, match=f"plan entries .*{entry}.*custom_parallel_plan"):
+        tensor_parallel_plan(_meta_model(config), sequence_parallel=False)
+
+
+def test_policy_sends_each_data_parallel_shard_to_its_whole_tensor_parallel_group():
+    from nemo_rl.data.batched_data_dict import BatchedDataDict
+    from nemo_rl.models.policy.lm_policy import Policy
+
+    policy = object.__new__(Policy)  # only the split: no workers
+    policy.world_size, policy.group_size, policy.dp_size = 4, 2, 2
+    batch = BatchedDataDict(input_ids=torch.arange(8)[:, None])
+    shards = policy._shards(batch)
+    rows = [s["input_ids"][:, 0].tolist() for s in shards]
+    assert rows == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+
+
+PLAN = {"model.layers.*.mlp.down_proj": RowwiseParallel()}
+
+
+def test_custom_parallel_plan_is_imported_by_dotted_path_or_refused_naming_the_key():
+    from nemo_rl.models.parallelize import load_parallel_plan
+
+    model = _meta_model(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **TINY))
+    assert load_parallel_plan(f"{__name__}.PLAN", model, sequence_parallel=False) is PLAN
+    with pytest.raises(ValueError, match=r"custom_parallel_plan='no_such_module.PLAN': cannot import it"):
+        load_parallel_plan("no_such_module.PLAN", model, sequence_parallel=False)
+    with pytest.raises(ValueError, match=r"custom_parallel_plan=.*TINY.*expected a dict of module-name patterns"):
+        load_parallel_plan(f"{__name__}.TINY", model, sequence_parallel=False)

@@ -102,17 +102,20 @@ def test_summary_defaults_come_from_updates(tmp_path):
         assert re.search(r"\s*\|\s*".join(map(re.escape, row)), text), row
 
 
+TINY_POLICY = {
+    "model_name": "assets/tiny-llama",
+    "tokenizer": {"name": "assets/tiny-llama"},
+    "train_global_batch_size": 4,
+    "train_micro_batch_size": 2,
+    "max_total_sequence_length": 64,
+}
+
+
 def test_run_header_says_where_things_go(tmp_path):
     cfg = MasterConfig.model_validate(
         {
             "sft": {"max_num_steps": 5},
-            "policy": {
-                "model_name": "assets/tiny-llama",
-                "tokenizer": {"name": "assets/tiny-llama"},
-                "train_global_batch_size": 4,
-                "train_micro_batch_size": 2,
-                "max_total_sequence_length": 64,
-            },
+            "policy": TINY_POLICY,
             "data": {"max_input_seq_length": 64, "train": {"dataset_name": "squad"}},
             "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt"), "keep_top_k": 2},
             "logger": {"log_dir": str(tmp_path / "logs"), "tensorboard_enabled": True},
@@ -137,10 +140,7 @@ def test_run_header_names_the_checkpoint_it_is_given_to_resume_from(tmp_path):
     cfg = MasterConfig.model_validate(
         {
             "sft": {"max_num_steps": 5},
-            "policy": {
-                "model_name": "m", "tokenizer": {"name": "m"},
-                "train_global_batch_size": 4, "train_micro_batch_size": 1, "max_total_sequence_length": 64,
-            },
+            "policy": TINY_POLICY,
             "data": {"max_input_seq_length": 64, "train": {"dataset_name": "squad"}},
             "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt")},
             "logger": {"log_dir": str(tmp_path / "logs")},
@@ -151,20 +151,14 @@ def test_run_header_names_the_checkpoint_it_is_given_to_resume_from(tmp_path):
     print_run_header(cfg, device="cuda", resumes_from=tmp_path / "elsewhere" / "step_3", file=resumed)
     assert "resumes from" not in fresh.getvalue()
     assert str(tmp_path / "elsewhere" / "step_3") in resumed.getvalue()
-    assert "1 cuda worker(s)" in fresh.getvalue()
+    assert "1 cuda worker(s)" in fresh.getvalue()  # cluster.gpus_per_node defaults to 1
 
 
 def test_run_header_names_every_dataset_of_a_mixture():
     cfg = MasterConfig.model_validate(
         {
             "sft": {"max_num_steps": 5},
-            "policy": {
-                "model_name": "assets/tiny-llama",
-                "tokenizer": {"name": "assets/tiny-llama"},
-                "train_global_batch_size": 4,
-                "train_micro_batch_size": 2,
-                "max_total_sequence_length": 64,
-            },
+            "policy": TINY_POLICY,
             "data": {
                 "max_input_seq_length": 64,
                 "train": [

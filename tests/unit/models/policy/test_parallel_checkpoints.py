@@ -8,7 +8,8 @@ import os
 
 import pytest
 import torch
-from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, run_ranks, save_tiny_llama
+from tests.unit.distributed_helpers import run_ranks
+from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from nemo_rl.algorithms.loss_functions import NLLLoss

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, run_ranks, save_tiny_llama
+from tests.unit.distributed_helpers import run_ranks
+from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, save_tiny_llama
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 

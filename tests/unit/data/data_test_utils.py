@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from nemo_rl.config.schema import PolicyConfig, TokenizerConfig
 from nemo_rl.data.processors import TokenizationOptions
 
 TINY_LLAMA = Path(__file__).resolve().parents[3] / "assets" / "tiny-llama"
@@ -26,3 +27,15 @@ DEFAULT_TOKENIZATION = TokenizationOptions(
 def tokenization(**changes) -> TokenizationOptions:
     """`DEFAULT_TOKENIZATION` with `changes` (e.g. add_bos=False, max_seq_length=32)."""
     return replace(DEFAULT_TOKENIZATION, **changes)
+
+
+def tiny_policy_section(**changes) -> PolicyConfig:
+    """A `policy` section over the embedded tiny Llama, micro-batch 1, with `changes`."""
+    fields = dict(
+        model_name=str(TINY_LLAMA),
+        tokenizer=TokenizerConfig(name=str(TINY_LLAMA)),
+        train_global_batch_size=4,
+        train_micro_batch_size=1,
+        max_total_sequence_length=64,
+    )
+    return PolicyConfig(**{**fields, **changes})

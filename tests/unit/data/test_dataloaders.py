@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_rl.config.schema import DataConfig, DatasetConfig, PolicyConfig, SFTConfig, TokenizerConfig
+from nemo_rl.config.schema import DataConfig, DatasetConfig, SFTConfig
 from nemo_rl.data.dataloaders import build_dataloaders
 from nemo_rl.data.datasets import SFTDatasets
 from nemo_rl.data.interfaces import TaskDataSpec
-from tests.unit.data.data_test_utils import TINY_LLAMA, tokenization
+from tests.unit.data.data_test_utils import tiny_policy_section, tokenization
 
 
 def rows(n: int, *, long_from: int | None = None) -> list[dict]:
@@ -28,14 +28,7 @@ def rows(n: int, *, long_from: int | None = None) -> list[dict]:
 def sections(*, batch_size: int = 4, val_batch_size: int = 3, seed: int = 11, shuffle: bool = True, divisible_by: int = 1):
     data = DataConfig(max_input_seq_length=64, shuffle=shuffle, num_workers=0, train=DatasetConfig())
     sft = SFTConfig(max_num_steps=1, seed=seed, val_global_batch_size=val_batch_size)
-    policy = PolicyConfig(
-        model_name=str(TINY_LLAMA),
-        tokenizer=TokenizerConfig(name=str(TINY_LLAMA)),
-        train_global_batch_size=batch_size,
-        train_micro_batch_size=1,
-        max_total_sequence_length=64,
-        make_sequence_length_divisible_by=divisible_by,
-    )
+    policy = tiny_policy_section(train_global_batch_size=batch_size, make_sequence_length_divisible_by=divisible_by)
     return data, sft, policy
 
 

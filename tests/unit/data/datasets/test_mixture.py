@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from nemo_rl.config import load_config
-from nemo_rl.config.schema import DataConfig, DatasetConfig, PolicyConfig, SFTConfig, TokenizerConfig
+from nemo_rl.config.schema import DataConfig, DatasetConfig, SFTConfig
 from nemo_rl.data.dataloaders import build_dataloaders
 from nemo_rl.data.datasets import MixedRows, load_datasets
 from nemo_rl.data.processors import SFTDataset
-from tests.unit.data.data_test_utils import TINY_LLAMA, tokenization
+from tests.unit.data.data_test_utils import tiny_policy_section, tokenization
 from tests.unit.data.datasets.dataset_copies import write_openmathinstruct2, write_tulu3
 
 REPO = Path(__file__).resolve().parents[4]
@@ -57,13 +57,7 @@ def mixture(copies, *, openmath: int = 6, tulu: int = 4, validation=None, shuffl
 
 def loaders_for(data: DataConfig, tokenizer, *, seed: int, batch_size: int = 5):
     sft = SFTConfig(max_num_steps=1, seed=seed, val_global_batch_size=2)
-    policy = PolicyConfig(
-        model_name=str(TINY_LLAMA),
-        tokenizer=TokenizerConfig(name=str(TINY_LLAMA)),
-        train_global_batch_size=batch_size,
-        train_micro_batch_size=1,
-        max_total_sequence_length=512,
-    )
+    policy = tiny_policy_section(train_global_batch_size=batch_size, max_total_sequence_length=512)
     return build_dataloaders(load_datasets(data), tokenizer, tokenization(), data, sft, policy)
 
 

@@ -118,7 +118,9 @@ def _tensor_type_with_cuda_names(original: Callable) -> Callable:
     def type_(self, *args, **kwargs):
         if args or kwargs or self.is_cuda:
             return original(self, *args, **kwargs)
-        return original(self).replace("torch.", "torch.cuda.", 1)
+        name = original(self)
+        # Under the device mode, `original` dispatches back to this shim: rename once.
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
 
     return type_
 

@@ -125,8 +125,6 @@ def transformer_config_from_hf(
             or the layout does not divide the model (heads, layers, FFN).
     """
     _check_supported(hf_config, tensor_parallel_size)
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     num_layers = hf_config.num_hidden_layers
     stages = pipeline_model_parallel_size * (virtual_pipeline_model_parallel_size or 1)
     if num_layers % stages:
@@ -134,6 +132,14 @@ def transformer_config_from_hf(
             f"num_hidden_layers={num_layers} of model_type={hf_config.model_type!r} must be divisible by "
             f"pipeline_model_parallel_size x virtual stages = {stages}"
         )
+    if sequence_parallel and not transformer_engine_available():
+        raise UnsupportedHFModelError(
+            "sequence_parallel=True needs Transformer Engine's (or apex's) norms, which are GPU-only; "
+            "megatron-core's plain PyTorch norm refuses sequence parallelism. Install Transformer Engine "
+            "on the GPU nodes or set sequence_parallel: false"
+        )
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
     fields: dict[str, Any] = dict(
         num_layers=num_layers,
         hidden_size=hf_config.hidden_size,

@@ -15,8 +15,8 @@ _COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_at
 # non-default parameters, q/k/v bias, q/k norm with head_dim != hidden/heads, and a vocabulary
 # that tensor parallelism of 2 does not divide (padded to 128 rows).
 TINY_CONFIGS = {
-    "llama_untied_gqa": lambda: LlamaConfig(vocab_size=128, tie_word_embeddings=False, **_COMMON),
-    "llama3_tied_rope_scaling": lambda: LlamaConfig(
+    "llama_untied_gqa": lambda **overrides: LlamaConfig(vocab_size=128, tie_word_embeddings=False, **{**_COMMON, **overrides}),
+    "llama3_tied_rope_scaling": lambda **overrides: LlamaConfig(
         vocab_size=128,
         tie_word_embeddings=True,
         rope_parameters={
@@ -27,23 +27,23 @@ TINY_CONFIGS = {
             "high_freq_factor": 8.0,
             "original_max_position_embeddings": 64,
         },
-        **_COMMON,
+        **{**_COMMON, **overrides},
     ),
-    "qwen2_qkv_bias": lambda: Qwen2Config(vocab_size=128, tie_word_embeddings=False, **_COMMON),
-    "qwen3_qk_norm": lambda: Qwen3Config(vocab_size=128, head_dim=32, tie_word_embeddings=True, **_COMMON),
-    "mistral_odd_vocab": lambda: MistralConfig(vocab_size=127, sliding_window=None, tie_word_embeddings=False, **_COMMON),
+    "qwen2_qkv_bias": lambda **overrides: Qwen2Config(vocab_size=128, tie_word_embeddings=False, **{**_COMMON, **overrides}),
+    "qwen3_qk_norm": lambda **overrides: Qwen3Config(vocab_size=128, head_dim=32, tie_word_embeddings=True, **{**_COMMON, **overrides}),
+    "mistral_odd_vocab": lambda **overrides: MistralConfig(vocab_size=127, sliding_window=None, tie_word_embeddings=False, **{**_COMMON, **overrides}),
 }
 
 SEQ_LEN = 12
 
 
-def make_tiny_hf_model(name: str, out_dir: Path, seed: int = 0):
+def make_tiny_hf_model(name: str, out_dir: Path, seed: int = 0, **config_overrides):
     """A random fp32 HF model of family `name`, saved (safetensors) to `out_dir`; the model.
 
     Every tensor is drawn at random (norm weights and biases too: HF initialises them to ones and
     zeros, which would hide a norm or a bias loaded into the wrong place)."""
     torch.manual_seed(seed)
-    config = TINY_CONFIGS[name]()
+    config = TINY_CONFIGS[name](**config_overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
@@ -111,3 +111,91 @@ def logits_and_round_trip_scenario(rank: int, layouts: list[tuple[int, int]], hf
         parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
     return results
+
+
+def _build_chunks(hf_config, tp: int, pp: int, vpp: int | None) -> list:
+    from megatron.core import parallel_state as mcore_state
+
+    from nemo_rl.models.megatron import model_builder
+
+    config = model_builder.transformer_config_from_hf(
+        hf_config, tensor_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
+    )
+    stages = [None] if vpp is None else list(range(vpp))
+    return [
+        model_builder.build_gpt_model(
+            hf_config,
+            config,
+            pre_process=mcore_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage),
+            post_process=mcore_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage),
+            vp_stage=stage,
+        )
+        for stage in stages
+    ]
+
+
+def gradients_virtual_stages_and_shims_scenario(rank: int, hf_dir: str, deep_hf_dir: str, loss_weights: torch.Tensor) -> dict:
+    """On 2 ranks:
+    - TP 2: the gradients of `(logits * loss_weights).sum()`, as HF-named full tensors (rank 0);
+    - PP 2 with 2 virtual stages each (a 4-layer model): the HF state dict read back from the
+      four chunks (rank 0);
+    - whether `disable_megatron_on_cpu` restored every patched attribute."""
+    from transformers import AutoConfig
+
+    from nemo_rl.models.megatron import cpu_support, hf_conversion, parallel_state
+
+    originals = {
+        "current_device": torch.cuda.current_device,
+        "synchronize": torch.cuda.synchronize,
+        "manual_seed": torch.cuda.manual_seed,
+        "type": torch.Tensor.type,
+    }
+    torch.distributed.init_process_group("gloo")
+    cpu_support.enable_megatron_on_cpu()
+    cpu_support.enable_megatron_on_cpu()  # idempotent
+    result: dict = {
+        "cpu_tensor_type_under_shims": torch.zeros(1).type(),
+        "cuda_factory_device_under_shims": torch.zeros(1, device="cuda").device.type,
+    }
+
+    parallel_state.initialize_model_parallel(2, 1)
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    (chunk,) = _build_chunks(hf_config, 2, 1, None)
+    hf_conversion.load_hf_weights_into([chunk], hf_dir, hf_config)
+    input_ids = sample_input_ids(hf_config.vocab_size)
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    # Each rank's loss term is over its own vocabulary rows; megatron-core's TP mappings add the
+    # ranks' contributions to the shared activations' gradients.
+    local_logits = chunk(input_ids, positions, attention_mask=None)
+    rows = local_logits.shape[-1]
+    local_weights = loss_weights[..., rank * rows : (rank + 1) * rows]
+    (local_logits * local_weights).sum().backward()
+    for param in chunk.parameters():  # read the gradients back through the weight conversion
+        param.data = param.grad
+    result["grads"] = hf_conversion.megatron_to_hf_state_dict([chunk], hf_config)
+    parallel_state.destroy_model_parallel()
+
+    parallel_state.initialize_model_parallel(1, 2, 2)
+    deep_config = AutoConfig.from_pretrained(deep_hf_dir)
+    chunks = _build_chunks(deep_config, 1, 2, 2)
+    hf_conversion.load_hf_weights_into(chunks, deep_hf_dir, deep_config)
+    result["virtual_stage_layers"] = [[layer.layer_number - 1 for layer in c.decoder.layers] for c in chunks]
+    result["virtual_stage_state"] = hf_conversion.megatron_to_hf_state_dict(chunks, deep_config)
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+    cpu_support.disable_megatron_on_cpu()
+    try:
+        torch.zeros(1, device="cuda")
+        result["cuda_factory_raises_after_disable"] = False
+    except (RuntimeError, AssertionError):
+        result["cuda_factory_raises_after_disable"] = True
+    result["restored"] = (
+        torch.cuda.current_device is originals["current_device"]
+        and torch.cuda.synchronize is originals["synchronize"]
+        and torch.cuda.manual_seed is originals["manual_seed"]
+        and torch.Tensor.type is originals["type"]
+        and torch.zeros(1).type() == "torch.FloatTensor"
+        and not cpu_support.megatron_on_cpu_enabled()
+    )
+    return result

@@ -18,6 +18,7 @@ Shims, in the order megatron-core meets them:
   `.to(...)`, and makes `Tensor.cuda()` a no-op.
 - megatron-core's model-parallel RNG tracker keeps its named streams as CPU generator states.
 - the default causal mask is built on the CPU.
+- the CUDA generator state saved and restored by activation recomputation is empty.
 - `Tensor.type()` (without arguments) names a CPU tensor with CUDA's type name
   (`torch.cuda.FloatTensor`), which the optimizers and `clip_grad` assert on.
 Megatron's `sequence_parallel` needs Transformer Engine or apex norms and is GPU-only.
@@ -161,6 +162,10 @@ def enable_megatron_on_cpu() -> None:
         _patch(fused_softmax, "get_default_causal_mask", _cpu_causal_mask)
         _patch(mp_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
         _patch(mp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
+        # Activation recomputation saves and restores the CPU, CUDA and tracker states; without
+        # CUDA there is no CUDA generator: its state is empty and restoring it does nothing.
+        _patch(mp_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8))
+        _patch(mp_random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
         # model_parallel_cuda_manual_seed seeds CUDA's default generator too; without CUDA,
         # the CPU one is the default generator.
         _patch(torch.cuda, "manual_seed", lambda seed: None)

@@ -113,13 +113,17 @@ def logits_and_round_trip_scenario(rank: int, layouts: list[tuple[int, int]], hf
     return results
 
 
-def _build_chunks(hf_config, tp: int, pp: int, vpp: int | None) -> list:
+def _build_chunks(hf_config, tp: int, pp: int, vpp: int | None, activation_checkpointing: bool = False) -> list:
     from megatron.core import parallel_state as mcore_state
 
     from nemo_rl.models.megatron import model_builder
 
     config = model_builder.transformer_config_from_hf(
-        hf_config, tensor_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
+        hf_config,
+        tensor_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        activation_checkpointing=activation_checkpointing,
     )
     stages = [None] if vpp is None else list(range(vpp))
     return [
@@ -136,7 +140,8 @@ def _build_chunks(hf_config, tp: int, pp: int, vpp: int | None) -> list:
 
 def gradients_virtual_stages_and_shims_scenario(rank: int, hf_dir: str, deep_hf_dir: str, loss_weights: torch.Tensor) -> dict:
     """On 2 ranks:
-    - TP 2: the gradients of `(logits * loss_weights).sum()`, as HF-named full tensors (rank 0);
+    - TP 2: the gradients of `(logits * loss_weights).sum()`, as HF-named full tensors (rank 0),
+      without and with activation recomputation;
     - PP 2 with 2 virtual stages each (a 4-layer model): the HF state dict read back from the
       four chunks (rank 0);
     - whether `disable_megatron_on_cpu` restored every patched attribute."""
@@ -160,19 +165,20 @@ def gradients_virtual_stages_and_shims_scenario(rank: int, hf_dir: str, deep_hf_
 
     parallel_state.initialize_model_parallel(2, 1)
     hf_config = AutoConfig.from_pretrained(hf_dir)
-    (chunk,) = _build_chunks(hf_config, 2, 1, None)
-    hf_conversion.load_hf_weights_into([chunk], hf_dir, hf_config)
-    input_ids = sample_input_ids(hf_config.vocab_size)
-    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    # Each rank's loss term is over its own vocabulary rows; megatron-core's TP mappings add the
-    # ranks' contributions to the shared activations' gradients.
-    local_logits = chunk(input_ids, positions, attention_mask=None)
-    rows = local_logits.shape[-1]
-    local_weights = loss_weights[..., rank * rows : (rank + 1) * rows]
-    (local_logits * local_weights).sum().backward()
-    for param in chunk.parameters():  # read the gradients back through the weight conversion
-        param.data = param.grad
-    result["grads"] = hf_conversion.megatron_to_hf_state_dict([chunk], hf_config)
+    for recompute in (False, True):
+        (chunk,) = _build_chunks(hf_config, 2, 1, None, activation_checkpointing=recompute)
+        hf_conversion.load_hf_weights_into([chunk], hf_dir, hf_config)
+        input_ids = sample_input_ids(hf_config.vocab_size)
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        # Each rank's loss term is over its own vocabulary rows; megatron-core's TP mappings add
+        # the ranks' contributions to the shared activations' gradients.
+        local_logits = chunk(input_ids, positions, attention_mask=None)
+        rows = local_logits.shape[-1]
+        local_weights = loss_weights[..., rank * rows : (rank + 1) * rows]
+        (local_logits * local_weights).sum().backward()
+        for param in chunk.parameters():  # read the gradients back through the weight conversion
+            param.data = param.grad
+        result["grads_recomputed" if recompute else "grads"] = hf_conversion.megatron_to_hf_state_dict([chunk], hf_config)
     parallel_state.destroy_model_parallel()
 
     parallel_state.initialize_model_parallel(1, 2, 2)

@@ -1,5 +1,5 @@
 """megatron-core on CPU with the shims: gradients through tensor parallelism equal the HF
-model's, virtual pipeline stages load and read back the right layers, and the shims come off."""
+model's (also with activation recomputation), virtual pipeline stages load and read back the right layers, and the shims come off."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.unit.models.megatron.megatron_test_utils import (
 
 
 @pytest.mark.slow
-def test_tp_gradients_virtual_stages_and_reversible_shims(tmp_path):
+def test_tp_gradients_recompute_virtual_stages_and_reversible_shims(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is the optional `megatron` extra (uv sync --extra megatron)")
     model = make_tiny_hf_model("llama_untied_gqa", tmp_path / "hf")
     deep = make_tiny_hf_model("qwen3_qk_norm", tmp_path / "deep", seed=3, num_hidden_layers=4)
@@ -33,6 +33,8 @@ def test_tp_gradients_virtual_stages_and_reversible_shims(tmp_path):
         scale = grad.abs().max().item()
         torch.testing.assert_close(rank0["grads"][name], grad, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"gradient of {name}: {m}")
     assert rank1["grads"] == {}  # the state dict is returned on the first rank only
+    # Recomputing the layers in the backward gives the same gradients, bit for bit.
+    assert all(torch.equal(rank0["grads_recomputed"][k], v) for k, v in rank0["grads"].items())
 
     # Rank 0 holds virtual stages 0 and 2 (layers 0 and 2), rank 1 stages 1 and 3.
     assert rank0["virtual_stage_layers"] == [[0], [2]] and rank1["virtual_stage_layers"] == [[1], [3]]

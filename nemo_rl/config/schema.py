@@ -534,6 +534,11 @@ class MasterConfig(Section):
                 "policy.megatron_cfg.sequence_parallel=true needs Transformer Engine or apex norms (GPU); "
                 "cluster.device=cpu has neither; set it to false"
             )
+        if self.policy.megatron_cfg.enabled and self.sft.val_generation.enabled:
+            raise ValueError(
+                "sft.val_generation.enabled=true with policy.megatron_cfg.enabled=true: generation is not "
+                "available on the Megatron backend in this build; set sft.val_generation.enabled=false"
+            )
         # With `device: auto` the world size depends on the machine the job runs on, so the
         # check waits for the cluster layer there (sft.setup), still before any worker starts.
         if self.cluster.device != "auto":

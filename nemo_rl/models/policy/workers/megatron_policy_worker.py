@@ -117,6 +117,8 @@ class MegatronPolicyWorker:
             pipeline_dtype=DTYPES[mcfg.pipeline_dtype or policy_cfg.precision],
             # Micro-batches are trimmed to their longest row, so stages exchange their shapes.
             variable_seq_lengths=mcfg.pipeline_model_parallel_size > 1,
+            # Megatron checks it against variable_seq_lengths even for dense models.
+            moe_token_dispatcher_type=mcfg.moe_token_dispatcher_type,
             # gloo has no batched, synchronised point-to-point; NCCL keeps Megatron's default.
             batch_p2p_sync=self.device.type != "cpu",
             calculate_per_token_loss=True,
@@ -286,12 +288,10 @@ class MegatronPolicyWorker:
         local = 0
         for chunk in self.bare_chunks:
             for name, p in chunk.named_parameters():
-                # The output layer tied to the embedding is counted at the embedding only.
+                # A later stage's copy of the tied embedding is counted at the embedding only.
                 tied_copy = name == "output_layer.weight" and chunk.share_embeddings_and_output_weights
                 if not tied_copy and (param_is_not_tensor_parallel_duplicate(p) or mpu.get_tensor_model_parallel_rank() == 0):
                     local += p.numel()
-        if any(chunk.share_embeddings_and_output_weights and not chunk.pre_process and chunk.post_process for chunk in self.bare_chunks):
-            local -= self.bare_chunks[0].output_layer.weight.numel()  # the last stage's copy of the tied weight
         total = torch.tensor([local], dtype=torch.int64, device=self.device)
         dist.all_reduce(total, group=mpu.get_model_parallel_group())
         n = int(total.item())

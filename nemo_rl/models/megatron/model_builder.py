@@ -124,9 +124,9 @@ def transformer_config_from_hf(
         UnsupportedHFModelError: the family or one of its features has no exact Megatron mapping,
             or the layout does not divide the model (heads, layers, FFN).
     """
+    _check_supported(hf_config, tensor_parallel_size)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    _check_supported(hf_config, tensor_parallel_size)
     num_layers = hf_config.num_hidden_layers
     stages = pipeline_model_parallel_size * (virtual_pipeline_model_parallel_size or 1)
     if num_layers % stages:

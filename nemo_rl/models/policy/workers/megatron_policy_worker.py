@@ -319,6 +319,9 @@ class MegatronPolicyWorker:
 
         if hf_merged_path is not None:
             raise ValueError("checkpointing.save_merged is for LoRA runs; the Megatron backend has no LoRA in this build")
+        for path in (weights_path, optimizer_path):
+            if path is not None:  # dist_checkpointing writes into an existing directory
+                os.makedirs(path, exist_ok=True)
         if weights_path is not None:
             dist_checkpointing.save(self._model_sharded_state_dict(), weights_path)
         if optimizer_path is not None:

@@ -24,7 +24,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
@@ -103,10 +102,6 @@ def run_micro_batches(
         micro_batch_size=first.shape[0],
         forward_only=forward_only,
     )
-
-
-def is_last_pipeline_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
 
 def ensure_optimizer_states(optimizer: Any) -> None:

@@ -25,6 +25,7 @@ from the Megatron weights (models/megatron/hf_conversion.py) at every save.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from nemo_rl.utils.hf_config import load_hf_config
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
 RNG_FILE = "rng_rank{rank}.pt"  # in optimizer_path, one per rank
+LAYOUT_FILE = "layout.json"  # in optimizer_path: the tensor / pipeline sizes it was saved with
 # The plain-PyTorch Adam path of the distributed optimizer saves and reloads its states in this
 # form, which also reshards over a different data-parallel size.
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -330,6 +332,8 @@ class MegatronPolicyWorker:
             dist_checkpointing.save({"optimizer": state}, optimizer_path)
             if self.rank == 0:
                 torch.save(self.scheduler.state_dict(), os.path.join(optimizer_path, SCHEDULER_FILE))
+                with open(os.path.join(optimizer_path, LAYOUT_FILE), "w") as f:
+                    json.dump(self._layout(), f)
             dist.barrier()
             torch.save(_rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         if hf_path is not None:
@@ -360,6 +364,16 @@ class MegatronPolicyWorker:
     def _load_optimizer(self, optimizer_path: str) -> None:
         from megatron.core import dist_checkpointing
 
+        layout_file = os.path.join(optimizer_path, LAYOUT_FILE)
+        if os.path.exists(layout_file):
+            with open(layout_file) as f:
+                saved = json.load(f)
+            if saved != self._layout():
+                raise ValueError(
+                    f"{optimizer_path}: the optimizer state was saved with {saved} and this run has "
+                    f"{self._layout()}; the distributed optimizer's checkpoint reshards over data-parallel "
+                    "ranks only. Resume with the saved tensor / pipeline sizes (the weights alone load into any layout)"
+                )
         self._ensure_optimizer_states()
         with torch.no_grad():
             template = self.optimizer.sharded_state_dict(
@@ -371,6 +385,13 @@ class MegatronPolicyWorker:
         rng_file = os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank))
         if os.path.exists(rng_file):  # absent when resuming at a larger world size
             _set_rng_state(torch.load(rng_file), self.device)
+
+    def _layout(self) -> dict[str, int]:
+        mcfg = self.cfg.megatron_cfg
+        return {
+            "tensor_model_parallel_size": mcfg.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": mcfg.pipeline_model_parallel_size,
+        }
 
     def shutdown(self) -> None:
         from nemo_rl.models.megatron.parallel_state import destroy_model_parallel

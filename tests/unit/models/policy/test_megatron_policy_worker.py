@@ -149,10 +149,19 @@ def test_sequence_packing_under_pipeline_parallelism_matches_plain_pytorch(model
 # ---------------------------------------------------------------- checkpoints
 
 
+def _allow_child_processes():
+    """dist_checkpointing writes through a multiprocessing Manager (a child process), which a
+    daemonic process may not start; run_ranks' processes are daemonic, Ray's workers are not."""
+    import multiprocessing
+
+    multiprocessing.current_process().daemon = False
+
+
 def _save_then_step(rank, model_dir, out_dir):
     """TP 2: two steps, a checkpoint (weights, optimizer, hf/), the third step."""
     from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
 
+    _allow_child_processes()
     worker = MegatronPolicyWorker(megatron_policy_config(model_dir, tp=2), seed=1, device="cpu")
     history = [worker.train(make_batch(seed), NLLLoss(), MicroBatchPlan(2)) for seed in range(2)]
     worker.save_checkpoint(
@@ -163,7 +172,7 @@ def _save_then_step(rank, model_dir, out_dir):
     return history
 
 
-def _resume_and_step(rank, model_dir, out_dir, tp):
+def _resume_and_step(rank, model_dir, out_dir, tp, with_optimizer):
     from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
 
     worker = MegatronPolicyWorker(
@@ -171,7 +180,7 @@ def _resume_and_step(rank, model_dir, out_dir, tp):
         seed=1,
         device="cpu",
         weights_path=f"{out_dir}/weights",
-        optimizer_path=f"{out_dir}/optimizer",
+        optimizer_path=f"{out_dir}/optimizer" if with_optimizer else None,
     )
     result = worker.train(make_batch(2), NLLLoss(), MicroBatchPlan(2))
     worker.shutdown()
@@ -185,10 +194,12 @@ def test_checkpoint_resumes_bit_exact_reshards_to_tp1_and_exports_hf(model_dir, 
     step3 = uninterrupted[0][2]
 
     # Same layout: the third step is bit-identical.
-    for resumed in run_ranks(2, _resume_and_step, model_dir, out_dir, 2):
+    for resumed in run_ranks(2, _resume_and_step, model_dir, out_dir, 2, True):
         assert (resumed["loss"], resumed["grad_norm"], resumed["lr"]) == (step3["loss"], step3["grad_norm"], step3["lr"])
-    # TP 2 -> TP 1: the shards are gathered into one rank's layout.
-    (resharded,) = run_ranks(1, _resume_and_step, model_dir, out_dir, 1)
+    # TP 2 -> TP 1: the weight shards are gathered into one rank's layout (step 3's loss and
+    # gradient depend on the weights only; the distributed optimizer's states reshard over
+    # data-parallel ranks only, and another layout is refused).
+    (resharded,) = run_ranks(1, _resume_and_step, model_dir, out_dir, 1, False)
     assert resharded["loss"] == pytest.approx(step3["loss"], rel=1e-5)
     assert resharded["grad_norm"] == pytest.approx(step3["grad_norm"], rel=1e-5)
 

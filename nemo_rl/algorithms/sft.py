@@ -148,13 +148,18 @@ def check_import_paths(cfg: MasterConfig) -> None:
     before Ray.)"""
     policy = cfg.policy
     try:
-        check_optimizer_config(
-            policy.optimizer, policy.scheduler_entries()[0], scheduler_is_list=isinstance(policy.scheduler, list)
-        )
+        if policy.optimizer is not None:  # null with the Megatron backend (its own optimizer keys)
+            check_optimizer_config(
+                policy.optimizer, policy.scheduler_entries()[0], scheduler_is_list=isinstance(policy.scheduler, list)
+            )
         if policy.hf_config_overrides:
             load_hf_config(policy.model_name, trust_remote_code=policy.trust_remote_code, overrides=policy.hf_config_overrides)
         if policy.dtensor_cfg.custom_parallel_plan is not None:
             import_parallel_plan(policy.dtensor_cfg.custom_parallel_plan)
+        if policy.megatron_cfg.enabled:
+            from nemo_rl.models.megatron.training_checks import check_megatron_policy
+
+            check_megatron_policy(policy)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from nemo_rl.config.megatron_schema import MegatronConfig
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -261,21 +263,6 @@ SchedulerSpec = Annotated[
 ]
 
 
-class MegatronConfig(BaseModel):
-    """NeMo RL's Megatron-core backend settings. Accepted (unchecked) while `enabled: false`, as
-    NeMo RL's own DTensor recipes carry them; `enabled: true` is refused by PolicyConfig."""
-
-    model_config = ConfigDict(extra="allow")
-    enabled: bool = False
-
-
-MEGATRON_BACKEND_MISSING = (
-    "policy.megatron_cfg.enabled=true: this is a Megatron-core config, and the Megatron backend is "
-    "not available in this build yet; train with the DTensor backend instead "
-    "(policy.megatron_cfg.enabled=false, policy.dtensor_cfg.enabled=true and a policy.optimizer)"
-)
-
-
 class PolicyConfig(Section):
     model_name: str
     trust_remote_code: bool = False
@@ -295,31 +282,15 @@ class PolicyConfig(Section):
     # Offloads the optimizer during a log-probability pass (RL algorithms); SFT has none, as in
     # NeMo RL, where SFT also leaves it unused.
     offload_optimizer_for_logprob: bool = False
-    # null only in Megatron configs, whose optimizer lives in megatron_cfg (refused below).
+    # null exactly when megatron_cfg is enabled: its optimizer lives in megatron_cfg.optimizer.
     optimizer: OptimizerConfig | None = Field(default_factory=OptimizerConfig)
     # NeMo RL's form: a list of {name, kwargs} entries followed by one {milestones: [...]}.
     scheduler: SchedulerSpec | None = None
     megatron_cfg: MegatronConfig = Field(default_factory=MegatronConfig)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_megatron_backend(cls, data: Any) -> Any:
-        # Before field validation, so that a Megatron config gets this one reason and not the
-        # errors of the DTensor keys it leaves out (policy.optimizer: null, ...).
-        if isinstance(data, dict):
-            megatron = data.get("megatron_cfg")
-            if isinstance(megatron, dict) and megatron.get("enabled") in (True, "true", "True"):
-                raise ValueError(MEGATRON_BACKEND_MISSING)
-        return data
-
     @model_validator(mode="after")
     def _check_consistency(self) -> PolicyConfig:
-        if self.optimizer is None:
-            raise ValueError(
-                "policy.optimizer is null, which only a Megatron config may leave (its optimizer is "
-                "policy.megatron_cfg.optimizer); the DTensor backend needs {name: torch.optim.AdamW, "
-                "kwargs: {...}}"
-            )
+        self._check_backend_choice()
         if self.train_global_batch_size % self.train_micro_batch_size:
             raise ValueError(
                 f"policy.train_global_batch_size={self.train_global_batch_size} must be a multiple "
@@ -338,12 +309,48 @@ class PolicyConfig(Section):
                     f"policy.max_total_sequence_length={self.max_total_sequence_length}: the longest "
                     "sample would fit no micro-batch"
                 )
-        if not self.dtensor_cfg.enabled:
-            raise ValueError(
-                "policy.dtensor_cfg.enabled=false leaves no training backend; set it to true"
-            )
         self.scheduler_entries()  # validates the milestones shape
         return self
+
+    def _check_backend_choice(self) -> None:
+        """Exactly one of dtensor_cfg / megatron_cfg is enabled; policy.optimizer and
+        policy.scheduler belong to the DTensor backend (Megatron's are in megatron_cfg)."""
+        megatron = self.megatron_cfg.enabled
+        if megatron and self.dtensor_cfg.enabled:
+            raise ValueError(
+                "policy.megatron_cfg.enabled=true and policy.dtensor_cfg.enabled=true: pick one "
+                "backend; set policy.dtensor_cfg.enabled=false to train with Megatron-core"
+            )
+        if not megatron and not self.dtensor_cfg.enabled:
+            raise ValueError(
+                "policy.dtensor_cfg.enabled=false leaves no training backend; set it to true "
+                "(or policy.megatron_cfg.enabled=true)"
+            )
+        if megatron and self.optimizer is not None:
+            raise ValueError(
+                "policy.optimizer must be null with policy.megatron_cfg.enabled=true: the Megatron "
+                "backend's optimizer is policy.megatron_cfg.optimizer"
+            )
+        if megatron and self.scheduler is not None:
+            raise ValueError(
+                "policy.scheduler must be null with policy.megatron_cfg.enabled=true: the Megatron "
+                "backend's schedule is policy.megatron_cfg.scheduler"
+            )
+        if not megatron and self.optimizer is None:
+            raise ValueError(
+                "policy.optimizer is null, which only a Megatron config may leave (its optimizer is "
+                "policy.megatron_cfg.optimizer); the DTensor backend needs {name: torch.optim.AdamW, "
+                "kwargs: {...}}"
+            )
+        if megatron:
+            problem = self.megatron_cfg.precision_problem(self.precision)
+            if problem:
+                raise ValueError(problem)
+
+    def parallel_layout(self) -> Any:
+        """The enabled backend's parallel section (`model_parallel_size()`, `layout_problem(n)`,
+        `data_parallel_size(n)`)."""
+        return self.megatron_cfg if self.megatron_cfg.enabled else self.dtensor_cfg
 
     def scheduler_entries(self) -> tuple[list[SchedulerEntry], list[int]]:
         """The scheduler list as (schedulers, milestones); ([], []) for a constant rate."""
@@ -522,6 +529,16 @@ class MasterConfig(Section):
                 f"data.max_input_seq_length={self.data.max_input_seq_length} exceeds "
                 f"policy.max_total_sequence_length={self.policy.max_total_sequence_length}"
             )
+        if self.cluster.device == "cpu" and self.policy.megatron_cfg.enabled and self.policy.megatron_cfg.sequence_parallel:
+            raise ValueError(
+                "policy.megatron_cfg.sequence_parallel=true needs Transformer Engine or apex norms (GPU); "
+                "cluster.device=cpu has neither; set it to false"
+            )
+        if self.policy.megatron_cfg.enabled and self.sft.val_generation.enabled:
+            raise ValueError(
+                "sft.val_generation.enabled=true with policy.megatron_cfg.enabled=true: generation is not "
+                "available on the Megatron backend in this build; set sft.val_generation.enabled=false"
+            )
         # With `device: auto` the world size depends on the machine the job runs on, so the
         # check waits for the cluster layer there (sft.setup), still before any worker starts.
         if self.cluster.device != "auto":
@@ -535,7 +552,7 @@ def batch_split_problem(policy: PolicyConfig, world_size: int) -> str | None:
     """Why the parallel layout does not divide `world_size` ranks, or why
     `policy.train_global_batch_size` does not split over the data-parallel ranks (world size /
     (tensor x context parallel size)) into whole micro-batches; None when both hold."""
-    parallel = policy.dtensor_cfg
+    parallel = policy.parallel_layout()
     layout = parallel.layout_problem(world_size)
     if layout:
         return layout
@@ -544,9 +561,19 @@ def batch_split_problem(policy: PolicyConfig, world_size: int) -> str | None:
     if remainder or per_rank % policy.train_micro_batch_size:
         return (
             f"policy.train_global_batch_size={policy.train_global_batch_size} must split "
-            f"evenly over {dp_size} data-parallel ranks ({world_size} workers / "
-            f"tensor_parallel_size={parallel.tensor_parallel_size} x "
-            f"context_parallel_size={parallel.context_parallel_size}) into micro-batches of "
+            f"evenly over {dp_size} data-parallel ranks ({world_size} workers / {_model_parallel_sizes(policy)}) "
+            "into micro-batches of "
             f"policy.train_micro_batch_size={policy.train_micro_batch_size}"
         )
     return None
+
+
+def _model_parallel_sizes(policy: PolicyConfig) -> str:
+    if policy.megatron_cfg.enabled:
+        m = policy.megatron_cfg
+        return (
+            f"tensor_model_parallel_size={m.tensor_model_parallel_size} x pipeline_model_parallel_size="
+            f"{m.pipeline_model_parallel_size} x context_parallel_size={m.context_parallel_size}"
+        )
+    d = policy.dtensor_cfg
+    return f"tensor_parallel_size={d.tensor_parallel_size} x context_parallel_size={d.context_parallel_size}"

@@ -80,11 +80,16 @@ def preflight(cfg: MasterConfig, *, num_params: int | None = None) -> None:
     estimate = estimate_checkpoint_bytes(
         num_params,
         save_optimizer=ckpt.save_optimizer,
-        optimizer_name=cfg.policy.optimizer.name,
+        optimizer_name=_optimizer_name(cfg.policy),
         lora=cfg.policy.dtensor_cfg.lora_cfg.enabled,
         save_merged=ckpt.save_merged,
     )
     check_free_space(Path(ckpt.checkpoint_dir), estimate, "checkpointing.checkpoint_dir")
+
+
+def _optimizer_name(policy) -> str:
+    """The DTensor backend's optimizer class, or the Megatron backend's (`adam` / `sgd`)."""
+    return policy.optimizer.name if policy.optimizer is not None else policy.megatron_cfg.optimizer.optimizer
 
 
 def check_writable(path: Path, key: str) -> None:

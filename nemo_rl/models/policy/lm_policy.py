@@ -1,9 +1,10 @@
-"""The driver's handle on the model: one `DTensorPolicyWorker` per reserved slot.
+"""The driver's handle on the model: one policy worker per reserved slot, of the enabled
+backend (`DTensorPolicyWorker`, or `MegatronPolicyWorker` with policy.megatron_cfg.enabled).
 
 The driver never holds weights. `Policy` splits each global batch contiguously over the
-data-parallel ranks, sends each shard to every rank of that data-parallel rank's tensor- x
-context-parallel group (consecutive ranks, see `parallelize.build_device_mesh`), calls every
-worker, and merges their small metric dicts (one per data-parallel rank where they differ).
+data-parallel ranks, sends each shard to every rank of that data-parallel rank's model-parallel
+group (each worker says which data-parallel rank it is), calls every worker, and merges their
+small metric dicts (one per data-parallel rank where they differ).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class Policy:
     ):
         self.cfg = policy_cfg
         self.train_plan = MicroBatchPlan.for_training(policy_cfg)
+        backend = policy_cfg.megatron_cfg if policy_cfg.megatron_cfg.enabled else policy_cfg.dtensor_cfg
         self.worker_group = RayWorkerGroup(
             cluster,
-            DTensorPolicyWorker,
+            _worker_class(policy_cfg),
             init_kwargs=dict(
                 policy_cfg=policy_cfg,
                 seed=seed,
@@ -52,13 +54,16 @@ class Policy:
             ),
             # Per-worker progress bars (weight loading, shard writing) interleave into noise
             # across ranks; the driver reports progress instead. The user's env_vars win.
-            env_vars={"HF_HUB_DISABLE_PROGRESS_BARS": "1", **policy_cfg.dtensor_cfg.env_vars},
+            env_vars={"HF_HUB_DISABLE_PROGRESS_BARS": "1", **backend.env_vars},
             name_prefix="policy",
         )
         self.world_size = self.worker_group.world_size
-        # The ranks of one tensor- x context-parallel group hold the same rows.
-        self.group_size = policy_cfg.dtensor_cfg.model_parallel_size()
+        # The ranks of one model-parallel group hold the same rows.
+        self.group_size = policy_cfg.parallel_layout().model_parallel_size()
         self.dp_size = self.world_size // self.group_size
+        self.dp_rank_of_worker: list[int] = self.worker_group.run_all("data_parallel_rank")
+        # One worker per data-parallel rank, for the metrics that differ between them.
+        self.dp_representatives = [self.dp_rank_of_worker.index(d) for d in range(self.dp_size)]
         # {"trainable": ..., "total": ...}: parameter counts of the whole model (LoRA: adapter vs all).
         self.parameter_counts: dict[str, int] = self.worker_group.run_all("get_parameter_counts")[0]
 
@@ -67,7 +72,7 @@ class Policy:
         micro-batches the `policy` section configures."""
         shards = self._shards(batch)
         results = self.worker_group.run_sharded("train", shards, loss_fn=loss_fn, plan=self.train_plan)
-        per_dp_rank = results[:: self.group_size]
+        per_dp_rank = [results[i] for i in self.dp_representatives]
         # loss, grad_norm, lr and the global counts are already reduced: identical on all ranks.
         shared = ("loss", "grad_norm", "lr", "num_valid_tokens", "num_valid_samples", "num_tokens", "model_flops")
         metrics = {k: results[0][k] for k in shared}
@@ -85,7 +90,8 @@ class Policy:
         or that many longest sequences' tokens under dynamic batching or packing."""
         shards = self._shards(batch)
         plan = MicroBatchPlan.for_validation(self.cfg, micro_batch_size)
-        results = self.worker_group.run_sharded("validate", shards, loss_fn=loss_fn, plan=plan)[:: self.group_size]
+        results = self.worker_group.run_sharded("validate", shards, loss_fn=loss_fn, plan=plan)
+        results = [results[i] for i in self.dp_representatives]
         return {
             "loss_sum": sum(r["loss_sum"] for r in results),
             "num_valid_tokens": sum(r["num_valid_tokens"] for r in results),
@@ -103,13 +109,14 @@ class Policy:
             input_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.int64),
         )
         shards = self._shards(batch)
-        results = self.worker_group.run_sharded("generate_greedy", shards, max_new_tokens=max_new_tokens)[:: self.group_size]
+        results = self.worker_group.run_sharded("generate_greedy", shards, max_new_tokens=max_new_tokens)
+        results = [results[i] for i in self.dp_representatives]
         return [ids for rank_ids in results for ids in rank_ids][: len(prompts)]
 
     def _shards(self, batch: BatchedDataDict) -> list[BatchedDataDict]:
-        """One shard per worker: data-parallel rank d's shard to ranks d*group .. (d+1)*group-1."""
+        """One shard per worker: data-parallel rank d's shard to every worker of rank d."""
         shards = batch.pad_batch_to_multiple(self.dp_size).shard_by_batch_size(self.dp_size)
-        return [shards[rank // self.group_size] for rank in range(self.world_size)]
+        return [shards[d] for d in self.dp_rank_of_worker]
 
     def save_checkpoint(
         self,
@@ -139,3 +146,12 @@ class Policy:
             pass
         finally:
             self.worker_group.shutdown()
+
+
+def _worker_class(policy_cfg: PolicyConfig) -> type:
+    if policy_cfg.megatron_cfg.enabled:
+        # Imported only when chosen: megatron-core is an optional extra.
+        from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
+
+        return MegatronPolicyWorker
+    return DTensorPolicyWorker

@@ -60,7 +60,6 @@ def test_model_parallel_recipes_load_with_their_layouts():
 @pytest.mark.parametrize(
     ("recipe", "feature"),
     [
-        ("sft-llama3.1-8b-1n8g-megatron.yaml", "policy.megatron_cfg.enabled=true: this is a Megatron-core config, and the Megatron backend is not available"),
         ("sft-llama3.1-8b-2n8g-cp2.yaml", "policy.dtensor_cfg: context_parallel_size=2: context parallelism is not available"),
         ("sft-llama3.1-8b-4n8g-gb200-segments.yaml", "cluster.segment_size: 2 asks for placement by NVLink segment"),
         ("sft-qwen3-30ba3b-1n8g-automodel-liger.yaml", "policy.dtensor_cfg: automodel_kwargs ['use_liger_kernel']: NeMo AutoModel's model options"),
@@ -74,12 +73,23 @@ def test_a_recipe_needing_a_missing_feature_gets_one_error_naming_it(recipe, fea
     assert "unknown key" not in str(error.value)
 
 
-def test_megatron_error_replaces_what_its_dtensor_keys_would_say():
-    """The Megatron recipe leaves policy.optimizer null; the error is about the backend only."""
-    with pytest.raises(ConfigError) as error:
-        _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml")
-    assert "optimizer" not in error.value.errors[0].split(":")[0]
-    assert "expected a mapping" not in str(error.value)
+def test_megatron_recipe_loads_with_its_layout_and_optimizer_keys():
+    cfg = _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml")
+    megatron = cfg.policy.megatron_cfg
+    assert megatron.enabled and cfg.policy.optimizer is None
+    assert (megatron.tensor_model_parallel_size, megatron.pipeline_model_parallel_size) == (2, 2)
+    assert megatron.data_parallel_size(8) == 2
+    assert megatron.optimizer.lr == 5.0e-6 and megatron.optimizer.clip_grad == cfg.policy.max_grad_norm
+    assert megatron.scheduler.lr_warmup_iters == 50
+
+
+def test_megatron_recipe_keys_that_cannot_be_honoured_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"policy.megatron_cfg.expert_model_parallel_size: expert parallelism needs a mixture-of-experts"):
+        _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "++policy.megatron_cfg.expert_model_parallel_size=2")
+    with pytest.raises(ConfigError, match=r"policy.megatron_cfg.peft.enabled: LoRA on the Megatron backend"):
+        _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "policy.megatron_cfg.peft.enabled=true")
+    with pytest.raises(ConfigError, match=r"policy.optimizer must be null with policy.megatron_cfg.enabled=true"):
+        _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "policy.optimizer={name: torch.optim.AdamW}")
 
 
 def test_a_null_optimizer_without_megatron_names_the_key():

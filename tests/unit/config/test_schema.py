@@ -162,11 +162,35 @@ def test_nemo_rl_policy_keys_at_their_defaults_change_nothing():
     assert spelled_out == default
 
 
-def test_megatron_config_is_refused_for_its_backend_before_its_other_keys():
+def test_megatron_backend_takes_a_null_optimizer_and_refuses_both_backends_at_once():
+    megatron = {"enabled": True, "tensor_model_parallel_size": 2}
+    cfg = policy(megatron_cfg=megatron, optimizer=None, dtensor_cfg={"enabled": False})
+    assert cfg.parallel_layout().model_parallel_size() == 2
+    with pytest.raises(ValidationError, match="pick one backend"):
+        policy(megatron_cfg=megatron, optimizer=None)
+    with pytest.raises(ValidationError, match="policy.optimizer must be null"):
+        policy(megatron_cfg=megatron, dtensor_cfg={"enabled": False})
+
+
+@pytest.mark.parametrize(
+    ("megatron", "message"),
+    [
+        ({"expert_model_parallel_size": 2}, "policy.megatron_cfg.expert_model_parallel_size: expert parallelism"),
+        ({"context_parallel_size": 2}, "policy.megatron_cfg.context_parallel_size: Megatron's context parallelism"),
+        ({"fp8_cfg": {"enabled": True}}, "policy.megatron_cfg.fp8_cfg.enabled: FP8"),
+        ({"sequence_parallel": True}, "policy.megatron_cfg.sequence_parallel=true needs tensor_model_parallel_size > 1"),
+        ({"optimizer": {"bf16": True}}, "policy.megatron_cfg.optimizer.bf16=True contradicts policy.precision='float32'"),
+        ({"tensor_model_parallel_sise": 2}, "policy.megatron_cfg: unknown key"),
+    ],
+)
+def test_megatron_keys_that_cannot_be_honoured_are_refused_by_name(megatron, message):
     with pytest.raises(ValidationError) as error:
-        policy(megatron_cfg={"enabled": True, "tensor_model_parallel_size": 2}, optimizer=None, dtensor_cfg={"enabled": False})
-    (only,) = error.value.errors()
-    assert "the Megatron backend is not available" in only["msg"]
+        policy(megatron_cfg={"enabled": True, **megatron}, optimizer=None, dtensor_cfg={"enabled": False}, precision="float32")
+    assert message in str(error.value)
+
+
+def test_disabled_megatron_section_is_not_checked():
+    assert policy(megatron_cfg={"enabled": False, "fp8_cfg": {"enabled": True, "unknown": 1}}).megatron_cfg.enabled is False
 
 
 def test_val_generation_is_off_by_default_and_its_keys_are_checked():

@@ -74,10 +74,15 @@ def test_policy_sends_each_data_parallel_shard_to_its_whole_tensor_parallel_grou
 
     policy = object.__new__(Policy)  # only the split: no workers
     policy.world_size, policy.group_size, policy.dp_size = 4, 2, 2
+    policy.dp_rank_of_worker = [0, 0, 1, 1]  # what the DTensor workers report (TP 2)
     batch = BatchedDataDict(input_ids=torch.arange(8)[:, None])
     shards = policy._shards(batch)
     rows = [s["input_ids"][:, 0].tolist() for s in shards]
     assert rows == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+    # Megatron's rank order (tp-cp-dp-pp) under PP 2: the data-parallel replicas alternate.
+    policy.dp_rank_of_worker = [0, 1, 0, 1]
+    rows = [s["input_ids"][:, 0].tolist() for s in policy._shards(batch)]
+    assert rows == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 PLAN = {"model.layers.*.mlp.down_proj": RowwiseParallel()}

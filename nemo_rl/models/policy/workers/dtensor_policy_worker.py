@@ -168,6 +168,11 @@ class DTensorPolicyWorker:
 
     # ------------------------------------------------------------------ train / eval
 
+    def data_parallel_rank(self) -> int:
+        """Which shard of each global batch this rank trains on (tensor- x context-parallel
+        ranks are consecutive, see `parallelize.build_device_mesh`)."""
+        return self.dp_rank
+
     def train(self, batch: BatchedDataDict, loss_fn: LossFn, plan: MicroBatchPlan) -> dict[str, Any]:
         """One optimizer step on this rank's shard of the global batch."""
         if self.device.type == "cuda":

@@ -26,6 +26,9 @@ LAYOUTS = {
     "tp2_sp": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "dp2_tp2": (4, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "hsdp2x2": (4, {"dp_replicate_size": 2}),
+    "cp2": (2, {"context_parallel_size": 2}),
+    "dp2_cp2": (4, {"context_parallel_size": 2}),
+    "cp2_tp2_sp": (4, {"context_parallel_size": 2, "tensor_parallel_size": 2, "sequence_parallel": True}),
 }
 
 

@@ -13,8 +13,9 @@ from torch import nn
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.data.targets import count_valid_tokens, target_mask
 from nemo_rl.models.context_parallel import (
-    ContextParallelLayout,
+    check_attention_was_hooked,
     context_parallel_attention,
+    enable_context_parallel_attention,
     load_balanced_indices,
     shard_micro_batch,
 )
@@ -49,6 +50,18 @@ def test_each_rank_gets_two_chunks_with_the_same_causal_work(cp_size):
 def test_a_row_length_not_a_multiple_of_twice_cp_is_refused():
     with pytest.raises(ValueError, match=r"row length \(10\) to be a multiple of 2 x cp = 4"):
         load_balanced_indices(10, 2, 0)
+
+
+def test_a_model_whose_attention_cannot_be_replaced_is_refused():
+    with pytest.raises(ValueError, match="context_parallel_size: Linear's attention cannot be replaced"):
+        enable_context_parallel_attention(nn.Linear(2, 2))
+
+
+def test_a_forward_whose_layers_bypassed_the_attention_is_refused():
+    layout = shard_micro_batch(_micro_batch(), cp_size=2, cp_rank=0, group=None).layout
+    layout.attention_calls = 1
+    with pytest.raises(RuntimeError, match="ran the context-parallel attention in 1 of its 2 layers"):
+        check_attention_was_hooked(layout, 2, "tiny")
 
 
 def _micro_batch() -> BatchedDataDict:

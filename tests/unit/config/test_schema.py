@@ -110,6 +110,9 @@ def test_tensor_parallel_only_keys_need_tensor_parallelism(dtensor_cfg, refused)
     [
         ({"tensor_parallel_size": 4}, 6, r"world size 6 is not a multiple of .*tensor_parallel_size=4 .* = 4"),
         ({"tensor_parallel_size": 2, "dp_replicate_size": 2}, 6, r"world size 6 .*dp_replicate_size=2 = 4"),
+        ({"context_parallel_size": 4}, 6, r"world size 6 is not a multiple of .*context_parallel_size=4 .* = 4"),
+        # cp ranks share their rows: 8 rows over 8 / (2 x 2) = 2 data-parallel ranks
+        ({"context_parallel_size": 2, "tensor_parallel_size": 2}, 8, None),
         # 8 rows over 8 / 2 = 4 data-parallel ranks, not 8: the batch check uses that size
         ({"tensor_parallel_size": 2}, 8, None),
         ({"tensor_parallel_size": 2}, 32, r"over 16 data-parallel ranks \(32 workers / tensor_parallel_size=2"),

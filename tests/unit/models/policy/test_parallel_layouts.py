@@ -35,6 +35,8 @@ LAYOUTS = {
     "hsdp2x2": (4, {"dp_replicate_size": 2}),
     "cp2": (2, {"context_parallel_size": 2}),
     "dp2_cp2": (4, {"context_parallel_size": 2}),
+    # the recomputed forward gathers keys and values again, with the layout it was given
+    "cp2_checkpointing": (2, {"context_parallel_size": 2, "activation_checkpointing": True}),
     "cp2_tp2_sp": (4, {"context_parallel_size": 2, "tensor_parallel_size": 2, "sequence_parallel": True}),
 }
 

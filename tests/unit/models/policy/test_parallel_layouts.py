@@ -152,3 +152,17 @@ def test_lora_under_tensor_parallelism_equals_one_process(reference, tmp_path):
     for name, tensor in want["weights"].items():
         error = (got["weights"][name] - tensor).norm() / tensor.norm().clamp(min=1e-12)
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.slow
+def test_lora_under_context_parallelism_equals_one_process(reference, tmp_path):
+    """The adapters do not touch attention or the token layout: the same LoRA run in one process."""
+    model_dir, _, _ = reference
+    run_ranks(1, _train, model_dir, {"lora_cfg": LORA}, str(tmp_path / "one.pt"))
+    run_ranks(2, _train, model_dir, {"context_parallel_size": 2, "lora_cfg": LORA}, str(tmp_path / "cp.pt"))
+    got, want = torch.load(tmp_path / "cp.pt"), torch.load(tmp_path / "one.pt")
+    assert [s["loss"] for s in got["steps"]] == pytest.approx([s["loss"] for s in want["steps"]], rel=1e-5)
+    assert [s["grad_norm"] for s in got["steps"]] == pytest.approx([s["grad_norm"] for s in want["steps"]], rel=1e-5)
+    for name, tensor in want["weights"].items():
+        error = (got["weights"][name] - tensor).norm() / tensor.norm().clamp(min=1e-12)
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"

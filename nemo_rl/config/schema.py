@@ -178,11 +178,27 @@ class DTensorConfig(Section):
                 "(tensor parallelism with LoRA works without it)"
             )
         if self.context_parallel_size > 1:
-            raise ValueError(
-                f"context_parallel_size={self.context_parallel_size}: context "
-                "parallelism is not available in this build; set it to 1"
-            )
+            self._check_context_parallel_keys()
         return self
+
+    def _check_context_parallel_keys(self) -> None:
+        """What context parallelism (models/context_parallel.py) cannot serve."""
+        cp = f"context_parallel_size={self.context_parallel_size}"
+        if self.dp_replicate_size > 1:
+            raise ValueError(
+                f"{cp} with dp_replicate_size={self.dp_replicate_size}: HSDP with context parallelism is not "
+                "available (FSDP shards over dp_shard x cp); set dp_replicate_size to 1"
+            )
+        if self.attn_implementation not in (None, "sdpa"):
+            raise ValueError(
+                f"{cp} with attn_implementation={self.attn_implementation!r}: context parallelism runs its own "
+                "attention (SDPA over the gathered keys and values); set attn_implementation to null or 'sdpa'"
+            )
+        if self.compile:
+            raise ValueError(
+                f"{cp} with compile=true: compiling layers whose attention runs collectives is untested "
+                "here; set compile to false"
+            )
 
     def model_parallel_size(self) -> int:
         """The ranks that hold the same rows of a batch (one tensor- x context-parallel group)."""

@@ -28,17 +28,18 @@ def _inputs(mb: BatchedDataDict) -> dict[str, torch.Tensor | bool]:
     return inputs
 
 
-def forward_logits(model: nn.Module, mb: BatchedDataDict) -> torch.Tensor:
+def forward_logits(model: nn.Module, mb: BatchedDataDict, **model_kwargs) -> torch.Tensor:
     """logits_BTV. Padding is on the right, so the causal mask alone keeps valid tokens from
-    seeing it: no attention mask, and default position ids unless the rows are packed."""
-    return model(**_inputs(mb)).logits
+    seeing it: no attention mask, and default position ids unless the rows are packed.
+    `model_kwargs` go to the model as they are (e.g. a context-parallel layout)."""
+    return model(**_inputs(mb), **model_kwargs).logits
 
 
-def forward_hidden_states(model: nn.Module, mb: BatchedDataDict) -> torch.Tensor:
+def forward_hidden_states(model: nn.Module, mb: BatchedDataDict, **model_kwargs) -> torch.Tensor:
     """hidden_BTH: the last hidden states (after the final norm), what the output layer
     takes. Only those are returned (`output_hidden_states=-1`; older models return all, of
     which this is the last), and logits for the last position only (`logits_to_keep=1`)."""
-    out = model(**_inputs(mb), output_hidden_states=-1, logits_to_keep=1)
+    out = model(**_inputs(mb), output_hidden_states=-1, logits_to_keep=1, **model_kwargs)
     return out.hidden_states[-1]
 
 

@@ -55,12 +55,13 @@ def test_model_parallel_recipes_load_with_their_layouts():
     assert hsdp.dp_replicate_size == 8 and hsdp.data_parallel_size(64) == 64
     tp = _load("recipes/sft-llama3.1-8b-1n8g-fsdp2tp2.yaml").policy.dtensor_cfg
     assert (tp.tensor_parallel_size, tp.sequence_parallel, tp.data_parallel_size(8)) == (2, True, 4)
+    cp = _load("recipes/sft-llama3.1-8b-2n8g-cp2.yaml").policy.dtensor_cfg
+    assert (cp.context_parallel_size, cp.tensor_parallel_size, cp.data_parallel_size(16)) == (2, 2, 4)
 
 
 @pytest.mark.parametrize(
     ("recipe", "feature"),
     [
-        ("sft-llama3.1-8b-2n8g-cp2.yaml", "policy.dtensor_cfg: context_parallel_size=2: context parallelism is not available"),
         ("sft-llama3.1-8b-4n8g-gb200-segments.yaml", "cluster.segment_size: 2 asks for placement by NVLink segment"),
         ("sft-qwen3-30ba3b-1n8g-automodel-liger.yaml", "policy.dtensor_cfg: automodel_kwargs ['use_liger_kernel']: NeMo AutoModel's model options"),
     ],

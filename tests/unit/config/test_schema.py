@@ -88,7 +88,9 @@ def test_compile_is_off_and_the_chunked_loss_on_by_default():
     [
         ({"sequence_parallel": True}, "sequence_parallel=true .* needs tensor_parallel_size > 1"),
         ({"custom_parallel_plan": "my.plan"}, "custom_parallel_plan='my.plan' .* needs tensor_parallel_size > 1"),
-        ({"context_parallel_size": 2}, "context_parallel_size=2: context parallelism is not available"),
+        ({"context_parallel_size": 2, "dp_replicate_size": 2}, "context_parallel_size=2 with dp_replicate_size=2: HSDP"),
+        ({"context_parallel_size": 2, "attn_implementation": "eager"}, "context_parallel_size=2 with attn_implementation='eager'"),
+        ({"context_parallel_size": 2, "compile": True}, "context_parallel_size=2 with compile=true"),
         (
             {"tensor_parallel_size": 2, "sequence_parallel": True, "lora_cfg": {"enabled": True}},
             "sequence_parallel=true with lora_cfg.enabled=true",
@@ -108,6 +110,9 @@ def test_tensor_parallel_only_keys_need_tensor_parallelism(dtensor_cfg, refused)
     [
         ({"tensor_parallel_size": 4}, 6, r"world size 6 is not a multiple of .*tensor_parallel_size=4 .* = 4"),
         ({"tensor_parallel_size": 2, "dp_replicate_size": 2}, 6, r"world size 6 .*dp_replicate_size=2 = 4"),
+        ({"context_parallel_size": 4}, 6, r"world size 6 is not a multiple of .*context_parallel_size=4 .* = 4"),
+        # cp ranks share their rows: 8 rows over 8 / (2 x 2) = 2 data-parallel ranks
+        ({"context_parallel_size": 2, "tensor_parallel_size": 2}, 8, None),
         # 8 rows over 8 / 2 = 4 data-parallel ranks, not 8: the batch check uses that size
         ({"tensor_parallel_size": 2}, 8, None),
         ({"tensor_parallel_size": 2}, 32, r"over 16 data-parallel ranks \(32 workers / tensor_parallel_size=2"),
@@ -139,7 +144,6 @@ def test_gpu_monitoring_takes_nemo_rl_keys_with_positive_intervals():
     ("changes", "message"),
     [
         ({"dtensor_cfg": {"dp_replicate_size": 0}}, "greater than or equal to 1"),
-        ({"dtensor_cfg": {"context_parallel_size": 2}}, "context parallelism is not available"),
         ({"dtensor_cfg": {"automodel_kwargs": {"backend": {"attn": "te"}}}}, "automodel_kwargs ['backend']"),
         ({"sequence_packing": {"microbatch_order": "smallest_first"}}, "'packer' or 'largest_first'"),
         ({"dynamic_batching": {"logprob_mb_tokens": 0}}, "greater than or equal to 1"),

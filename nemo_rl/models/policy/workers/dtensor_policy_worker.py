@@ -44,6 +44,13 @@ from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.data.targets import count_valid_tokens
 from nemo_rl.distributed.worker_env import init_torch_distributed
+from nemo_rl.models.context_parallel import (
+    LAYOUT_KWARG,
+    check_attention_was_hooked,
+    enable_context_parallel_attention,
+    pad_one_position,
+    shard_micro_batch,
+)
 from nemo_rl.models.lora import apply_lora, merge_lora_state_dict, parameter_counts, peft_target_modules, save_peft_adapter
 from nemo_rl.models.parallelize import (
     PRECISIONS,
@@ -52,6 +59,7 @@ from nemo_rl.models.parallelize import (
     apply_fsdp,
     apply_tensor_parallel,
     build_device_mesh,
+    decoder_layers,
     load_parallel_plan,
     tensor_parallel_plan,
     tensor_parallel_problem,
@@ -115,6 +123,9 @@ class DTensorPolicyWorker:
                 f"policy.sequence_packing: {policy_cfg.model_name} lets packed samples attend to each "
                 "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
             )
+        self.context_parallel = parallel.context_parallel_size > 1
+        if self.context_parallel:
+            enable_context_parallel_attention(model)
         mesh = build_device_mesh(
             self.device.type,
             self.world_size,
@@ -127,6 +138,13 @@ class DTensorPolicyWorker:
         # (the ranks of one tensor-parallel group hold the same rows).
         self.dp_group = mesh.dp.get_group()
         self.dp_rank, self.dp_size = mesh.dp.get_local_rank(), mesh.dp.size()
+        # Under context parallelism the ranks of a cp group hold different tokens of the same
+        # rows: the loss is summed over data- and context-parallel ranks together.
+        self.loss_group = self.dp_group
+        if self.context_parallel:
+            self.cp_group, self.cp_rank = mesh.root["cp"].get_group(), mesh.root["cp"].get_local_rank()
+            self.loss_group = mesh.root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp").get_group()
+            self.attention_layers = len(decoder_layers(model))
         if self.tensor_parallel:
             problem = tensor_parallel_problem(model.config, parallel.tensor_parallel_size)
             if problem:
@@ -196,7 +214,7 @@ class DTensorPolicyWorker:
                 loss.backward()
             loss_sum += loss.detach()
             del loss  # free this micro-batch's activations before the next forward
-        dist.all_reduce(loss_sum, group=self.dp_group)
+        dist.all_reduce(loss_sum, group=self.loss_group)
 
         grad_norm = self._clip_grad_norm()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -233,6 +251,10 @@ class DTensorPolicyWorker:
                 loss, metrics = self._loss(loss_fn, mb.to(self.device), torch.ones((), device=self.device))
             loss_sum += loss
             num_valid_tokens += metrics["num_valid_tokens"].item()
+        if self.context_parallel:  # each cp rank holds part of every row's tokens
+            totals = torch.tensor([loss_sum.item(), num_valid_tokens], dtype=torch.float64, device=self.device)
+            dist.all_reduce(totals, group=self.cp_group)
+            loss_sum, num_valid_tokens = totals[0], totals[1].item()
         return {"loss_sum": loss_sum.item(), "num_valid_tokens": num_valid_tokens}
 
     @torch.no_grad()
@@ -287,10 +309,32 @@ class DTensorPolicyWorker:
 
     def _loss(self, loss_fn: LossFn, mb: BatchedDataDict, global_valid_tokens: torch.Tensor) -> LossResult:
         """From hidden states (no full logits) where the loss function and the model allow it."""
+        if self.context_parallel:
+            return self._context_parallel_loss(loss_fn, mb, global_valid_tokens)
         if self.chunked_loss and loss_fn.computes_from_hidden_states:
             hidden_BTH = forward_hidden_states(self.model, mb)
             return loss_fn.from_hidden_states(hidden_BTH, self.model.get_output_embeddings(), mb, global_valid_tokens)
         return loss_fn(forward_logits(self.model, mb), mb, global_valid_tokens)
+
+    def _context_parallel_loss(self, loss_fn: LossFn, mb: BatchedDataDict, global_valid_tokens: torch.Tensor) -> LossResult:
+        """The loss of this rank's tokens of `mb` (models/context_parallel.py)."""
+        sequence_parallel_size = self.cfg.dtensor_cfg.tensor_parallel_size if self.cfg.dtensor_cfg.sequence_parallel else 1
+        local = shard_micro_batch(
+            mb.to("cpu"),
+            cp_size=self.cfg.dtensor_cfg.context_parallel_size,
+            cp_rank=self.cp_rank,
+            group=self.cp_group,
+            length_multiple=sequence_parallel_size,
+        )
+        inputs, loss_batch, layout = local.model_inputs.to(self.device), local.loss_batch.to(self.device), local.layout.to(self.device)
+        if self.chunked_loss and loss_fn.computes_from_hidden_states:
+            hidden_BLH = forward_hidden_states(self.model, inputs, **{LAYOUT_KWARG: layout})
+            check_attention_was_hooked(layout, self.attention_layers, self.cfg.model_name)
+            output_layer = self.model.get_output_embeddings()
+            return loss_fn.from_hidden_states(pad_one_position(hidden_BLH), output_layer, loss_batch, global_valid_tokens)
+        logits_BLV = forward_logits(self.model, inputs, **{LAYOUT_KWARG: layout})
+        check_attention_was_hooked(layout, self.attention_layers, self.cfg.model_name)
+        return loss_fn(pad_one_position(logits_BLV), loss_batch, global_valid_tokens)
 
     def _max_over_ranks(self, n: int) -> int:
         count = torch.tensor([n], dtype=torch.int64, device=self.device)

@@ -11,11 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.unit.distributed_helpers import run_ranks
-from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, save_tiny_llama
+from tests.unit.models.policy.policy_test_utils import (
+    make_batch,
+    policy_config,
+    reference_loss,
+    reference_training,
+    save_tiny_llama,
+)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
+from nemo_rl.data.targets import count_valid_tokens
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
@@ -26,20 +33,33 @@ LAYOUTS = {
     "tp2_sp": (2, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "dp2_tp2": (4, {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "hsdp2x2": (4, {"dp_replicate_size": 2}),
+    "cp2": (2, {"context_parallel_size": 2}),
+    "dp2_cp2": (4, {"context_parallel_size": 2}),
+    # the recomputed forward gathers keys and values again, with the layout it was given
+    "cp2_checkpointing": (2, {"context_parallel_size": 2, "activation_checkpointing": True}),
+    "cp2_tp2_sp": (4, {"context_parallel_size": 2, "tensor_parallel_size": 2, "sequence_parallel": True}),
 }
 
 
-def _train(rank, model_dir, dtensor_cfg, out_path):
-    worker = DTensorPolicyWorker(policy_config(model_dir, dtensor_cfg=dtensor_cfg), seed=1, device="cpu")
+def _train(rank, model_dir, dtensor_cfg, out_path, policy_overrides=None):
+    cfg = policy_config(model_dir, dtensor_cfg=dtensor_cfg, **(policy_overrides or {}))
+    worker = DTensorPolicyWorker(cfg, seed=1, device="cpu")
+    plan = MicroBatchPlan.for_training(cfg) if cfg.sequence_packing.enabled else MicroBatchPlan(2)
     steps = []
     for step in range(STEPS):
         local = make_batch(step).shard_by_batch_size(worker.dp_size)[worker.dp_rank]
-        steps.append(worker.train(local, NLLLoss(), MicroBatchPlan(2)))
+        steps.append(worker.train(local, NLLLoss(), plan))
+    validation = None
+    if cfg.dtensor_cfg.context_parallel_size > 1:  # its validation sums over the cp ranks itself
+        local = make_batch(STEPS).shard_by_batch_size(worker.dp_size)[worker.dp_rank]
+        result = worker.validate(local, NLLLoss(), MicroBatchPlan(2))
+        validation = torch.tensor([result["loss_sum"], result["num_valid_tokens"]], dtype=torch.float64)
+        torch.distributed.all_reduce(validation, group=worker.dp_group)
     weights = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     layer = worker.model.model.layers[0]
     mesh_dims = {name: layer.get_submodule(name).weight.device_mesh.mesh_dim_names for name in ("self_attn.q_proj", "mlp.gate_proj")}
     if rank == 0:
-        torch.save({"steps": steps, "weights": weights, "mesh_dims": mesh_dims}, out_path)
+        torch.save({"steps": steps, "weights": weights, "mesh_dims": mesh_dims, "validation": validation}, out_path)
     worker.shutdown()
 
 
@@ -53,6 +73,13 @@ def _compare(got, reference_history, reference_model):
         # a single near-zero element may differ by a few 1e-6 in absolute terms.
         error = (got["weights"][name] - tensor).norm() / tensor.norm()
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
+    if got["validation"] is not None:  # validation with the final weights, on a batch not trained on
+        batch = make_batch(STEPS)
+        with torch.no_grad():
+            want_loss = reference_loss(reference_model, batch).item()
+        loss_sum, num_valid_tokens = got["validation"].tolist()
+        assert num_valid_tokens == count_valid_tokens(batch).item()
+        assert loss_sum / num_valid_tokens == pytest.approx(want_loss, rel=1e-5)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -71,6 +98,19 @@ def test_layout_equals_the_single_process_reference(layout, reference, tmp_path)
     out_path = str(tmp_path / "result.pt")
     run_ranks(world_size, _train, model_dir, dtensor_cfg, out_path)
     _compare(torch.load(out_path), history, model)
+
+
+# Two or three samples per packed row of 32 tokens: rows whose samples straddle the cp chunks.
+PACKING = {"sequence_packing": {"enabled": True, "train_mb_tokens": 32, "sequence_length_round": 1}}
+
+
+@pytest.mark.slow
+def test_context_parallel_with_packing_equals_the_single_process_reference(reference, tmp_path):
+    """Packed samples split over 2 cp ranks still see only themselves (the reference runs each
+    sample in its own padded row)."""
+    model_dir, history, model = reference
+    run_ranks(2, _train, model_dir, {"context_parallel_size": 2}, str(tmp_path / "cp.pt"), PACKING)
+    _compare(torch.load(tmp_path / "cp.pt"), history, model)
 
 
 def mlp_only_plan(model, sequence_parallel):
@@ -109,6 +149,20 @@ def test_lora_under_tensor_parallelism_equals_one_process(reference, tmp_path):
     assert [s["loss"] for s in got["steps"]] == pytest.approx([s["loss"] for s in want["steps"]], rel=1e-5)
     assert [s["grad_norm"] for s in got["steps"]] == pytest.approx([s["grad_norm"] for s in want["steps"]], rel=1e-5)
     assert set(got["weights"]) == set(want["weights"])
+    for name, tensor in want["weights"].items():
+        error = (got["weights"][name] - tensor).norm() / tensor.norm().clamp(min=1e-12)
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.slow
+def test_lora_under_context_parallelism_equals_one_process(reference, tmp_path):
+    """The adapters do not touch attention or the token layout: the same LoRA run in one process."""
+    model_dir, _, _ = reference
+    run_ranks(1, _train, model_dir, {"lora_cfg": LORA}, str(tmp_path / "one.pt"))
+    run_ranks(2, _train, model_dir, {"context_parallel_size": 2, "lora_cfg": LORA}, str(tmp_path / "cp.pt"))
+    got, want = torch.load(tmp_path / "cp.pt"), torch.load(tmp_path / "one.pt")
+    assert [s["loss"] for s in got["steps"]] == pytest.approx([s["loss"] for s in want["steps"]], rel=1e-5)
+    assert [s["grad_norm"] for s in got["steps"]] == pytest.approx([s["grad_norm"] for s in want["steps"]], rel=1e-5)
     for name, tensor in want["weights"].items():
         error = (got["weights"][name] - tensor).norm() / tensor.norm().clamp(min=1e-12)
         assert error < 1e-5, f"{name}: relative error {error:.2e}"

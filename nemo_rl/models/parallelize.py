@@ -41,6 +41,7 @@ from transformers import AutoConfig
 from nemo_rl.config import ConfigError
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.models.lora import LoRALinear
+from nemo_rl.models.tensor_parallel_styles import FUSED_PROJECTION_ENTRIES, FUSED_PROJECTION_REASON, PerHeadReplicated
 
 PRECISIONS: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -194,15 +195,16 @@ def check_parallel_layout(policy_cfg: PolicyConfig) -> None:
 
 
 # Transformers' plan vocabulary (`config.base_model_tp_plan`) that has a DTensor style here.
-_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated_with_grad_allreduce": PerHeadReplicated}
 
 
 def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     """Module-name patterns -> DTensor parallel styles for a decoder-only HF model.
 
     The attention and MLP projections come from the plan the transformers config declares
-    (`base_model_tp_plan`: Llama, Qwen2, Mistral, Gemma 2 declare colwise q/k/v/gate/up and
-    rowwise o/down); other entries (fused projections, per-head norms) are refused, naming them.
+    (`base_model_tp_plan`: Llama, Qwen2/3, Mistral, Gemma 2/3 declare colwise q/k/v/gate/up and
+    rowwise o/down; Qwen3 and Gemma 3 add per-head q/k norms, `PerHeadReplicated`); other
+    entries (Phi-3's fused projections) are refused, naming them and why.
     Then the embedding is row-parallel (its vocabulary rows split), the output layer
     column-parallel with its logits left vocabulary-sharded (a DTensor, never gathered whole:
     the loss runs under `loss_parallel`), and with `sequence_parallel` the norms and residual
@@ -213,6 +215,12 @@ def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[s
         raise ValueError(
             f"{type(model).__name__} declares no tensor-parallel plan (config.base_model_tp_plan); "
             "give one with policy.dtensor_cfg.custom_parallel_plan"
+        )
+    fused = {k: v for k, v in declared.items() if v in FUSED_PROJECTION_ENTRIES}
+    if fused:
+        raise ValueError(
+            f"{type(model).__name__}: tensor-parallel plan entries {fused}: {FUSED_PROJECTION_REASON}; "
+            "give a plan with policy.dtensor_cfg.custom_parallel_plan or use tensor_parallel_size=1"
         )
     unsupported = {k: v for k, v in declared.items() if v not in _STYLES}
     if unsupported:

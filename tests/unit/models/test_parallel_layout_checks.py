@@ -7,10 +7,11 @@ import pytest
 import torch
 from tests.unit.models.policy.policy_test_utils import policy_config, save_tiny_llama
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from nemo_rl.config import ConfigError
 from nemo_rl.models.parallelize import check_parallel_layout, tensor_parallel_plan, tensor_parallel_problem
+from nemo_rl.models.tensor_parallel_styles import PerHeadReplicated
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=32)
 
@@ -41,7 +42,7 @@ def _meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-@pytest.mark.parametrize("config_class", [LlamaConfig, Qwen2Config, MistralConfig])
+@pytest.mark.parametrize("config_class", [LlamaConfig, Qwen2Config, MistralConfig, Gemma2Config])
 def test_declared_plans_become_colwise_and_rowwise_styles(config_class):
     model = _meta_model(config_class(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **TINY))
     plan = tensor_parallel_plan(model, sequence_parallel=False)
@@ -56,15 +57,18 @@ def test_declared_plans_become_colwise_and_rowwise_styles(config_class):
         assert isinstance(sp_plan[norm], SequenceParallel), norm
 
 
-@pytest.mark.parametrize(
-    "config, entry",
-    [
-        (Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, **TINY), "replicated_with_grad_allreduce"),
-        (Phi3Config(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, pad_token_id=0, **TINY), "colwise_gather_output"),
-    ],
-)
-def test_plans_with_entries_we_cannot_apply_are_refused_naming_them(config, entry):
-    with pytest.raises(ValueError, match=f"plan entries .*{entry}.*custom_parallel_plan"):
+@pytest.mark.parametrize("config_class", [Qwen3Config, Gemma3TextConfig])
+def test_per_head_norms_are_replicated_over_the_group(config_class):
+    model = _meta_model(config_class(num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128, **TINY))
+    plan = tensor_parallel_plan(model, sequence_parallel=False)
+    for norm in ("q_norm", "k_norm"):
+        assert isinstance(plan[f"model.layers.*.self_attn.{norm}"], PerHeadReplicated)
+    assert isinstance(plan["model.layers.*.self_attn.q_proj"], ColwiseParallel)
+
+
+def test_fused_projections_are_refused_naming_the_entries_and_why():
+    config = Phi3Config(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, pad_token_id=0, **TINY)
+    with pytest.raises(ValueError, match=r"plan entries .*qkv_proj.*colwise_gather_output.*global offsets.*custom_parallel_plan"):
         tensor_parallel_plan(_meta_model(config), sequence_parallel=False)
 
 

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 from transformers import AutoModelForCausalLM
 
@@ -115,9 +115,7 @@ class DTensorPolicyWorker:
         # than assumed; see models/policy/forward.py.
         parallel = policy_cfg.dtensor_cfg
         self.tensor_parallel = parallel.tensor_parallel_size > 1
-        # Under tensor parallelism the logits are already vocabulary-sharded (never whole on a
-        # rank), and the plain loss runs on them under `loss_parallel`: no chunking needed.
-        self.chunked_loss = parallel.chunked_loss and not self.tensor_parallel and output_layer_gives_logits(model)
+        self.chunked_loss = parallel.chunked_loss and output_layer_gives_logits(model)
         if policy_cfg.sequence_packing.enabled and not packed_attention_is_isolated(model):
             raise ValueError(
                 f"policy.sequence_packing: {policy_cfg.model_name} lets packed samples attend to each "
@@ -313,6 +311,10 @@ class DTensorPolicyWorker:
             return self._context_parallel_loss(loss_fn, mb, global_valid_tokens)
         if self.chunked_loss and loss_fn.computes_from_hidden_states:
             hidden_BTH = forward_hidden_states(self.model, mb)
+            if self.tensor_parallel and not isinstance(hidden_BTH, DTensor):
+                # The same on every rank of the group; the chunked loss feeds it to the
+                # column-parallel output layer as such (see algorithms/chunked_loss.py).
+                hidden_BTH = DTensor.from_local(hidden_BTH, self.mesh.tp, [Replicate()], run_check=False)
             return loss_fn.from_hidden_states(hidden_BTH, self.model.get_output_embeddings(), mb, global_valid_tokens)
         return loss_fn(forward_logits(self.model, mb), mb, global_valid_tokens)
 

@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
-from transformers import AutoModelForCausalLM
 
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
@@ -56,6 +55,7 @@ from nemo_rl.models.parallelize import (
     tensor_parallel_plan,
     tensor_parallel_problem,
 )
+from nemo_rl.models.sharded_loading import build_meta_model, load_hf_shards
 from nemo_rl.models.policy.forward import (
     forward_hidden_states,
     forward_logits,
@@ -87,34 +87,29 @@ class DTensorPolicyWorker:
         self.cfg = policy_cfg
         self.rank, self.world_size, self.device = init_torch_distributed(device)
 
-        # Every rank builds the same model: same seed for anything the checkpoint lacks.
+        # Every rank builds the same model: same seed for the LoRA adapters.
         torch.manual_seed(seed)
-        # The fp32 master copy; `policy.precision` only sets the compute dtype (below).
-        model = AutoModelForCausalLM.from_pretrained(
+        # The fp32 master copy (`policy.precision` only sets the compute dtype, below), its
+        # parameters on the meta device until each rank loads its own shards of them.
+        model = build_meta_model(
             policy_cfg.model_name,
+            config=load_hf_config(
+                policy_cfg.model_name,
+                trust_remote_code=policy_cfg.trust_remote_code,
+                overrides=policy_cfg.hf_config_overrides,
+            ),
             trust_remote_code=policy_cfg.trust_remote_code,
-            dtype=torch.float32,
-            **_attention_kwargs(policy_cfg.dtensor_cfg.attn_implementation),
-            **_config_override_kwargs(policy_cfg),
+            attn_implementation=policy_cfg.dtensor_cfg.attn_implementation,
         )
+        lora_rng_state = torch.get_rng_state()
         lora_cfg = policy_cfg.dtensor_cfg.lora_cfg
         self.lora_targets = apply_lora(model, lora_cfg) if lora_cfg.enabled else []
         self.parameter_counts = {**parameter_counts(model), "lora_modules": len(self.lora_targets)}
         if self.rank == 0:
             log.info("parameters: %(trainable)d trainable of %(total)d", self.parameter_counts)
         self.tied_keys = shared_parameter_aliases(model)
-        # Checked on the loaded model (a few tokens, before compiling and sharding) rather
-        # than assumed; see models/policy/forward.py.
         parallel = policy_cfg.dtensor_cfg
         self.tensor_parallel = parallel.tensor_parallel_size > 1
-        # Under tensor parallelism the logits are already vocabulary-sharded (never whole on a
-        # rank), and the plain loss runs on them under `loss_parallel`: no chunking needed.
-        self.chunked_loss = parallel.chunked_loss and not self.tensor_parallel and output_layer_gives_logits(model)
-        if policy_cfg.sequence_packing.enabled and not packed_attention_is_isolated(model):
-            raise ValueError(
-                f"policy.sequence_packing: {policy_cfg.model_name} lets packed samples attend to each "
-                "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
-            )
         mesh = build_device_mesh(
             self.device.type,
             self.world_size,
@@ -145,8 +140,6 @@ class DTensorPolicyWorker:
             model.get_output_embeddings().register_forward_hook(self._maybe_gather_logits)
         if policy_cfg.dtensor_cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if policy_cfg.dtensor_cfg.compile:
-            apply_compile(model)
         apply_fsdp(
             model,
             mesh.fsdp,
@@ -154,7 +147,17 @@ class DTensorPolicyWorker:
             reduce_dtype=torch.float32,
             cpu_offload=policy_cfg.dtensor_cfg.cpu_offload,
         )
+        self.load_report = load_hf_shards(
+            model,
+            policy_cfg.model_name,
+            device="cpu" if policy_cfg.dtensor_cfg.cpu_offload else self.device,
+            lora_targets=self.lora_targets,
+            lora_rng_state=lora_rng_state,
+        )
         self.model = model
+        self._check_model_behaviour()
+        if policy_cfg.dtensor_cfg.compile:  # after the checks, which would compile for their shapes
+            apply_compile(model)
         self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], policy_cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, *policy_cfg.scheduler_entries())
         self.peak_flops, _ = device_peak_flops(self.device, PRECISIONS[policy_cfg.precision])
@@ -165,6 +168,21 @@ class DTensorPolicyWorker:
             self._load_weights(weights_path)
         if optimizer_path is not None:
             self._load_optimizer(optimizer_path)
+
+    def _check_model_behaviour(self) -> None:
+        """Checked on the loaded (sharded) model with a few tokens rather than assumed; see
+        models/policy/forward.py. All ranks run the same forwards."""
+        parallel = self.cfg.dtensor_cfg
+        self._gather_logits = True  # the checks compare whole logits
+        # Under tensor parallelism the logits are already vocabulary-sharded (never whole on a
+        # rank), and the plain loss runs on them under `loss_parallel`: no chunking needed.
+        self.chunked_loss = parallel.chunked_loss and not self.tensor_parallel and output_layer_gives_logits(self.model)
+        if self.cfg.sequence_packing.enabled and not packed_attention_is_isolated(self.model):
+            raise ValueError(
+                f"policy.sequence_packing: {self.cfg.model_name} lets packed samples attend to each "
+                "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
+            )
+        self._gather_logits = False
 
     # ------------------------------------------------------------------ train / eval
 
@@ -408,10 +426,6 @@ class DTensorPolicyWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _attention_kwargs(attn_implementation: str | None) -> dict[str, str]:
-    return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 
 def _config_override_kwargs(policy_cfg: PolicyConfig) -> dict[str, Any]:

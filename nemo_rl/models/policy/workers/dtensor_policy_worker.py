@@ -62,7 +62,7 @@ from nemo_rl.models.policy.forward import (
     output_layer_gives_logits,
     packed_attention_is_isolated,
 )
-from nemo_rl.models.policy.hf_export import save_hf_checkpoint, shared_parameter_aliases
+from nemo_rl.models.policy.hf_export import save_hf_checkpoint, save_hf_checkpoint_sharded, shared_parameter_aliases
 from nemo_rl.models.policy.interfaces import LossFn, LossResult
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
@@ -183,6 +183,9 @@ class DTensorPolicyWorker:
                 "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
             )
         self._gather_logits = False
+        # FSDP leaves the root's parameters gathered after a forward; the optimizer must see
+        # the sharded ones.
+        self.model.reshard()
 
     # ------------------------------------------------------------------ train / eval
 
@@ -346,6 +349,7 @@ class DTensorPolicyWorker:
         optimizer_path: str | None = None,
         hf_path: str | None = None,
         hf_merged_path: str | None = None,
+        hf_dtype: str | None = None,
     ) -> None:
         """Writes into the given directories (each rank its shard); the driver renames.
 
@@ -362,18 +366,16 @@ class DTensorPolicyWorker:
         if hf_path is not None and self.lora_targets:
             self._save_lora(hf_path, hf_merged_path)
         elif hf_path is not None:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full_state_dict = get_model_state_dict(self.model, options=options)
-            if self.rank == 0:
-                save_hf_checkpoint(
-                    full_state_dict,
-                    hf_path,
-                    config=self.model.config,
-                    generation_config=self.model.generation_config,
-                    trust_remote_code=self.cfg.trust_remote_code,
-                    tied_keys=self.tied_keys,
-                )
-            del full_state_dict
+            # Every rank writes its own slices into the files; nothing is gathered.
+            save_hf_checkpoint_sharded(
+                get_model_state_dict(self.model),
+                hf_path,
+                dtype=PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)],
+                config=self.model.config,
+                generation_config=self.model.generation_config,
+                trust_remote_code=self.cfg.trust_remote_code,
+                tied_keys=self.tied_keys,
+            )
         dist.barrier()
 
     def _trainable_state_dict(self) -> dict[str, Any]:

@@ -96,3 +96,29 @@ def test_meta_build_draws_no_random_numbers(tmp_path):
     assert torch.equal(before, torch.get_rng_state())
     assert all(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
+
+
+def test_lora_adapters_are_those_of_a_loaded_model(tmp_path):
+    """The adapters drawn after loading from the saved RNG state equal `apply_lora`'s on the
+    `from_pretrained` model (so LoRA runs repeat the earlier whole-model loading exactly)."""
+    from nemo_rl.config.schema import LoRAConfig
+    from nemo_rl.models.lora import apply_lora
+
+    model_dir = save_tiny_llama(str(tmp_path))
+    lora_cfg = LoRAConfig(enabled=True, dim=4, alpha=8, lora_A_init="uniform")
+    torch.manual_seed(7)
+    want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    apply_lora(want, lora_cfg)
+
+    torch.manual_seed(7)
+    got = build_meta_model(model_dir, config=load_hf_config(model_dir))
+    rng_state = torch.get_rng_state()
+    targets = apply_lora(got, lora_cfg)
+    load_hf_shards(got, model_dir, device="cpu", lora_targets=targets, lora_rng_state=rng_state)
+
+    want_params = dict(want.named_parameters())
+    assert set(dict(got.named_parameters())) == set(want_params)
+    assert any(".lora_A." in name for name in want_params)
+    for name, param in got.named_parameters():
+        assert torch.equal(param, want_params[name]), name
+    assert got.get_output_embeddings().weight is got.get_input_embeddings().weight

@@ -41,9 +41,6 @@ def _train_and_export(rank, model_dir, dtensor_cfg, hf_path, hf_dtype, max_shard
     return whole if rank == 0 else None
 
 
-# Two ranks each start a worker and train one step: tens of seconds on a loaded machine.
-pytestmark = pytest.mark.slow
-
 # (policy.dtensor_cfg, hf dtype, max_shard_size (None: through the worker's save_checkpoint), tied)
 CASES = {
     "dp2_fp32_worker_tied": ({}, "float32", None, True),

@@ -419,6 +419,7 @@ def _save_checkpoint(run: SFTRun) -> Path:
         optimizer_path=str(tmp_dir / "policy" / "optimizer") if save_optimizer else None,
         hf_path=str(tmp_dir / "hf"),
         hf_merged_path=str(tmp_dir / "hf_merged") if _saves_merged(run.cfg) else None,
+        hf_dtype=run.cfg.checkpointing.hf_dtype,
     )
     run.tokenizer.save_pretrained(tmp_dir / "hf")
     if _saves_merged(run.cfg):

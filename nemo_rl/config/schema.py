@@ -63,6 +63,8 @@ class CheckpointingConfig(Section):
     # LoRA runs: also write step_<N>/hf_merged/, the base with the adapter merged in (a full HF
     # model). Without LoRA hf/ is already the full model and this does nothing.
     save_merged: bool = False
+    # The dtype of hf/'s weights; unset: the training precision's compute dtype (float32 on CPU).
+    hf_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     checkpoint_must_save_by: str | None = None
     # auto: continue from the latest complete checkpoint in checkpoint_dir; never: refuse to
     # start if checkpoint_dir holds complete checkpoints; or the path of one step_<N> directory.

@@ -124,9 +124,11 @@ class Policy:
         optimizer_path: str | None = None,
         hf_path: str | None = None,
         hf_merged_path: str | None = None,
+        hf_dtype: str | None = None,
     ) -> None:
         """Sharded DCP weights (and optimizer + scheduler) for resuming; `hf_path`: a complete
-        Hugging Face model directory (written by rank 0). The caller owns the directories.
+        Hugging Face model directory (written by all ranks from their shards) in `hf_dtype`
+        (None: the training precision, float32 on CPU). The caller owns the directories.
 
         With LoRA, the weights are the adapter's only, `hf_path` is a PEFT adapter directory and
         `hf_merged_path` (optional) a full model with the adapter merged in."""
@@ -136,6 +138,7 @@ class Policy:
             optimizer_path=optimizer_path,
             hf_path=hf_path,
             hf_merged_path=hf_merged_path,
+            hf_dtype=hf_dtype,
         )
 
     def shutdown(self) -> None:

@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
-from transformers import AutoModelForCausalLM
 
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
@@ -64,13 +63,14 @@ from nemo_rl.models.parallelize import (
     tensor_parallel_plan,
     tensor_parallel_problem,
 )
+from nemo_rl.models.sharded_loading import build_meta_model, load_hf_shards
 from nemo_rl.models.policy.forward import (
     forward_hidden_states,
     forward_logits,
     output_layer_gives_logits,
     packed_attention_is_isolated,
 )
-from nemo_rl.models.policy.hf_export import save_hf_checkpoint, shared_parameter_aliases
+from nemo_rl.models.policy.hf_export import save_hf_checkpoint, save_hf_checkpoint_sharded, shared_parameter_aliases
 from nemo_rl.models.policy.interfaces import LossFn, LossResult
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
@@ -95,35 +95,30 @@ class DTensorPolicyWorker:
         self.cfg = policy_cfg
         self.rank, self.world_size, self.device = init_torch_distributed(device)
 
-        # Every rank builds the same model: same seed for anything the checkpoint lacks.
+        # Every rank builds the same model: same seed for the LoRA adapters.
         torch.manual_seed(seed)
-        # The fp32 master copy; `policy.precision` only sets the compute dtype (below).
-        model = AutoModelForCausalLM.from_pretrained(
+        # The fp32 master copy (`policy.precision` only sets the compute dtype, below), its
+        # parameters on the meta device until each rank loads its own shards of them.
+        model = build_meta_model(
             policy_cfg.model_name,
+            config=load_hf_config(
+                policy_cfg.model_name,
+                trust_remote_code=policy_cfg.trust_remote_code,
+                overrides=policy_cfg.hf_config_overrides,
+            ),
             trust_remote_code=policy_cfg.trust_remote_code,
-            dtype=torch.float32,
-            **_attention_kwargs(policy_cfg.dtensor_cfg.attn_implementation),
-            **_config_override_kwargs(policy_cfg),
+            attn_implementation=policy_cfg.dtensor_cfg.attn_implementation,
         )
+        lora_rng_state = torch.get_rng_state()
         lora_cfg = policy_cfg.dtensor_cfg.lora_cfg
         self.lora_targets = apply_lora(model, lora_cfg) if lora_cfg.enabled else []
         self.parameter_counts = {**parameter_counts(model), "lora_modules": len(self.lora_targets)}
         if self.rank == 0:
             log.info("parameters: %(trainable)d trainable of %(total)d", self.parameter_counts)
         self.tied_keys = shared_parameter_aliases(model)
-        # Checked on the loaded model (a few tokens, before compiling and sharding) rather
-        # than assumed; see models/policy/forward.py.
         parallel = policy_cfg.dtensor_cfg
         self.tensor_parallel = parallel.tensor_parallel_size > 1
-        self.chunked_loss = parallel.chunked_loss and output_layer_gives_logits(model)
-        if policy_cfg.sequence_packing.enabled and not packed_attention_is_isolated(model):
-            raise ValueError(
-                f"policy.sequence_packing: {policy_cfg.model_name} lets packed samples attend to each "
-                "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
-            )
         self.context_parallel = parallel.context_parallel_size > 1
-        if self.context_parallel:
-            enable_context_parallel_attention(model)
         mesh = build_device_mesh(
             self.device.type,
             self.world_size,
@@ -161,8 +156,6 @@ class DTensorPolicyWorker:
             model.get_output_embeddings().register_forward_hook(self._maybe_gather_logits)
         if policy_cfg.dtensor_cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if policy_cfg.dtensor_cfg.compile:
-            apply_compile(model)
         apply_fsdp(
             model,
             mesh.fsdp,
@@ -170,7 +163,19 @@ class DTensorPolicyWorker:
             reduce_dtype=torch.float32,
             cpu_offload=policy_cfg.dtensor_cfg.cpu_offload,
         )
+        self.load_report = load_hf_shards(
+            model,
+            policy_cfg.model_name,
+            device="cpu" if policy_cfg.dtensor_cfg.cpu_offload else self.device,
+            lora_targets=self.lora_targets,
+            lora_rng_state=lora_rng_state,
+        )
         self.model = model
+        self._check_model_behaviour()
+        if self.context_parallel:  # after the checks, which run whole rows on every rank
+            enable_context_parallel_attention(model)
+        if policy_cfg.dtensor_cfg.compile:  # after the checks, which would compile for their shapes
+            apply_compile(model)
         self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], policy_cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, *policy_cfg.scheduler_entries())
         self.peak_flops, _ = device_peak_flops(self.device, PRECISIONS[policy_cfg.precision])
@@ -181,6 +186,22 @@ class DTensorPolicyWorker:
             self._load_weights(weights_path)
         if optimizer_path is not None:
             self._load_optimizer(optimizer_path)
+
+    def _check_model_behaviour(self) -> None:
+        """Checked on the loaded (sharded) model with a few tokens rather than assumed; see
+        models/policy/forward.py. All ranks run the same forwards."""
+        parallel = self.cfg.dtensor_cfg
+        self._gather_logits = True  # the checks compare whole logits
+        self.chunked_loss = parallel.chunked_loss and output_layer_gives_logits(self.model)
+        if self.cfg.sequence_packing.enabled and not packed_attention_is_isolated(self.model):
+            raise ValueError(
+                f"policy.sequence_packing: {self.cfg.model_name} lets packed samples attend to each "
+                "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
+            )
+        self._gather_logits = False
+        # FSDP leaves the root's parameters gathered after a forward; the optimizer must see
+        # the sharded ones.
+        self.model.reshard()
 
     # ------------------------------------------------------------------ train / eval
 
@@ -379,6 +400,7 @@ class DTensorPolicyWorker:
         optimizer_path: str | None = None,
         hf_path: str | None = None,
         hf_merged_path: str | None = None,
+        hf_dtype: str | None = None,
     ) -> None:
         """Writes into the given directories (each rank its shard); the driver renames.
 
@@ -395,18 +417,16 @@ class DTensorPolicyWorker:
         if hf_path is not None and self.lora_targets:
             self._save_lora(hf_path, hf_merged_path)
         elif hf_path is not None:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full_state_dict = get_model_state_dict(self.model, options=options)
-            if self.rank == 0:
-                save_hf_checkpoint(
-                    full_state_dict,
-                    hf_path,
-                    config=self.model.config,
-                    generation_config=self.model.generation_config,
-                    trust_remote_code=self.cfg.trust_remote_code,
-                    tied_keys=self.tied_keys,
-                )
-            del full_state_dict
+            # Every rank writes its own slices into the files; nothing is gathered.
+            save_hf_checkpoint_sharded(
+                get_model_state_dict(self.model),
+                hf_path,
+                dtype=PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)],
+                config=self.model.config,
+                generation_config=self.model.generation_config,
+                trust_remote_code=self.cfg.trust_remote_code,
+                tied_keys=self.tied_keys,
+            )
         dist.barrier()
 
     def _trainable_state_dict(self) -> dict[str, Any]:
@@ -459,10 +479,6 @@ class DTensorPolicyWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _attention_kwargs(attn_implementation: str | None) -> dict[str, str]:
-    return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 
 def _config_override_kwargs(policy_cfg: PolicyConfig) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_rl.algorithms.eval_metrics import math_equal, pass_at_k, squad_scores
+from nemo_rl.algorithms.eval_metrics import gold_answers_of, math_equal, pass_at_k, squad_scores
 from nemo_rl.config.eval_schema import EvalConfig, EvalDataConfig, EvalMasterConfig
 from nemo_rl.config.schema import DatasetConfig
 from nemo_rl.data.interfaces import DataError
@@ -31,6 +31,8 @@ class EvalSample:
     index: int
     prompt: list[dict[str, Any]]  # the messages before the reference answer
     reference: str
+    # every acceptable answer (SQuAD: all the gold spans; else just `reference`)
+    gold_answers: list[str] = field(default_factory=list)
     choices: list[str] | None = None
     answer_index: int | None = None
     prompt_ids: list[int] = field(default_factory=list)
@@ -55,7 +57,8 @@ def load_eval_samples(data_cfg: EvalDataConfig, eval_cfg: EvalConfig) -> list[Ev
         where = f"data split {split!r} row {index}"
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise DataError(f"{where}: the last message must be the assistant's reference answer after a prompt")
-        sample = EvalSample(index, messages[:-1], str(messages[-1]["content"]))
+        reference = str(messages[-1]["content"])
+        sample = EvalSample(index, messages[:-1], reference, gold_answers=gold_answers_of(row, reference))
         if eval_cfg.benchmark == "multiple_choice":
             sample.choices, sample.answer_index = _choices(row, where)
         samples.append(sample)
@@ -101,7 +104,7 @@ def tokenization_options(cfg: EvalMasterConfig) -> TokenizationOptions:
 def score_sample(benchmark: str, sample: EvalSample, texts: list[str]) -> dict[str, float]:
     """Per-sample scores of its generations (`texts`, one per sample drawn)."""
     if benchmark == "squad":
-        per_text = [squad_scores(text, [sample.reference]) for text in texts]
+        per_text = [squad_scores(text, sample.gold_answers or [sample.reference]) for text in texts]
         return {name: statistics.fmean(s[name] for s in per_text) for name in ("exact_match", "f1")}
     if benchmark == "math":
         correct = [math_equal(text, sample.reference) for text in texts]
@@ -140,7 +143,8 @@ def _evaluate_generations(samples, workers, cfg: EvalMasterConfig, chunk: int, p
     for sample in samples:
         generations = texts[sample.index]
         record = {"index": sample.index, "prompt": sample.prompt, "reference": sample.reference,
-                  "generations": generations, "scores": score_sample(cfg.eval.benchmark, sample, generations)}
+                  "gold_answers": sample.gold_answers, "generations": generations,
+                  "scores": score_sample(cfg.eval.benchmark, sample, generations)}
         records.append(record)
     return records
 

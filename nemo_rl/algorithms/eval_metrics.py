@@ -52,6 +52,13 @@ def squad_scores(prediction: str, golds: list[str]) -> dict[str, float]:
     }
 
 
+def gold_answers_of(row, reference: str) -> list[str]:
+    """What a row accepts as an answer: `reference` (its assistant turn), then the other answers
+    in its `gold_answers` (the squad dataset keeps every gold span there)."""
+    others = row.get("gold_answers") if hasattr(row, "get") else None
+    return [reference, *(str(answer) for answer in others or [] if str(answer) != reference)]
+
+
 # ---------------------------------------------------------------- math
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from nemo_rl.algorithms.eval_metrics import gold_answers_of
 from nemo_rl.data.processors import SFTDataset, encode_generation_prompt
 
 MARGIN_TOKENS = 16  # room past the target's length, to see where the model would stop
@@ -24,6 +25,8 @@ class ValSample:
     prompt_ids: list[int]
     target: str  # the last assistant turn's text
     target_num_tokens: int
+    # what scoring accepts: the row's `gold_answers` (squad keeps them all), else the target
+    gold_answers: list[str] = field(default_factory=list)
 
 
 def first_val_samples(
@@ -44,7 +47,8 @@ def first_val_samples(
         prompt_ids = encode_generation_prompt(messages[:last_assistant], tokenizer, dataset.options, tools=tools)
         target = message_text(messages[last_assistant])
         target_num_tokens = len(tokenizer(target, add_special_tokens=False)["input_ids"])
-        samples.append(ValSample(prompt_ids, target, target_num_tokens))
+        gold_answers = gold_answers_of(dataset.source_row(index), target)
+        samples.append(ValSample(prompt_ids, target, target_num_tokens, gold_answers=gold_answers))
     return samples
 
 
@@ -102,7 +106,7 @@ def score_val_generations(
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
     if metric == "math":
         return {"gen_accuracy": sum(math_equal(t, s.target) for t, s in zip(texts, samples, strict=True)) / len(samples)}
-    scores = [squad_scores(t, [s.target]) for t, s in zip(texts, samples, strict=True)]
+    scores = [squad_scores(t, s.gold_answers or [s.target]) for t, s in zip(texts, samples, strict=True)]
     return {f"gen_{name}": sum(score[name] for score in scores) / len(scores) for name in ("exact_match", "f1")}
 
 

@@ -387,6 +387,11 @@ class SFTDataset(torch.utils.data.Dataset):
         row = self._rows[idx]
         return apply_task_spec(row["messages"], self._task_of(idx)), row.get("tools")
 
+    def source_row(self, index: int) -> dict[str, Any]:
+        """Sample `index`'s formatted row as its dataset made it: the messages before any task
+        spec, and the other keys it keeps (e.g. squad's `gold_answers`)."""
+        return self._rows[self.samples[index]["idx"]]
+
     def _task_of(self, idx: int) -> TaskDataSpec:
         """The task spec of row `idx`: its dataset's in a mixture, else the one given."""
         if isinstance(self._rows, MixedRows):

@@ -37,7 +37,8 @@ def test_squad_eval_writes_scores_that_match_its_samples(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(rows) == 12 and summary["num_prompts"] == 12
-    recomputed = [squad_scores(r["generations"][0], [r["reference"]]) for r in rows]
+    assert all(r["gold_answers"][0] == r["reference"] for r in rows)
+    recomputed = [squad_scores(r["generations"][0], r["gold_answers"]) for r in rows]
     assert summary["f1"] == pytest.approx(sum(s["f1"] for s in recomputed) / 12)
     assert summary["exact_match"] == pytest.approx(sum(s["exact_match"] for s in recomputed) / 12)
 

@@ -1,6 +1,8 @@
 """SQuAD: reading comprehension as a three-turn chat.
 
-context -> system, question -> user, the first answer -> assistant. `data_path` is a Hub name
+context -> system, question -> user, the first answer -> assistant; every gold answer is kept in
+`gold_answers` (SQuAD's dev set has several per question, and the official score is the best
+over them), which evaluation scores against and training ignores. `data_path` is a Hub name
 (default `rajpurkar/squad`) or a local folder in the same schema (`assets/squad-tiny`); both load
 through the same `datasets.load_dataset` call. The train split becomes `train`, the validation
 split `validation`.
@@ -28,7 +30,8 @@ def format_squad(row: dict[str, Any], *, where: str) -> dict[str, Any]:
         {"role": "assistant", "content": texts[0]},
     ]
     check_conversation(messages, where=where)
-    return {"messages": messages}
+    gold_answers = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t.strip()))
+    return {"messages": messages, "gold_answers": gold_answers}
 
 
 class SquadDataset:

@@ -128,3 +128,19 @@ def test_multiple_choice_rows_without_choices_are_refused():
 def test_bad_eval_configs_are_refused_with_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         _config(*overrides)
+
+
+def test_squad_scores_take_the_best_over_every_gold_answer():
+    # validation row 1 of squad-tiny asks for a person: "Dmitri Kessski", or the surname alone
+    cfg = _config("eval.max_prompts=2")
+    samples = load_eval_samples(cfg.data, cfg.eval)
+    row = json.loads((REPO / "assets" / "squad-tiny" / "validation.jsonl").read_text().splitlines()[1])
+    assert samples[1].gold_answers == row["answers"]["text"] == ["Dmitri Kessski", "Kessski"]
+    assert samples[0].gold_answers == [samples[0].reference]
+    workers = ScriptedWorkers(lambda i, _: "Kessski")
+    records, summary = evaluate(samples, workers, get_tokenizer(cfg.tokenizer), cfg)
+    # the surname alone: EM 1 against the second gold, where the first alone would give EM 0, F1 2/3
+    assert records[1]["scores"] == {"exact_match": 1.0, "f1": 1.0}
+    assert squad_scores("Kessski", ["Dmitri Kessski"]) == {"exact_match": 0.0, "f1": pytest.approx(2 / 3)}
+    assert records[1]["gold_answers"] == ["Dmitri Kessski", "Kessski"]
+    assert summary["exact_match"] == pytest.approx(0.5)  # row 0's answer is a year

@@ -185,6 +185,17 @@ def test_val_generation_scores_the_greedy_answers_against_the_targets(tokenizer,
     assert policy.calls[0][1] == 5
 
 
+def test_val_generation_scores_against_every_gold_answer_the_row_keeps(tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Ada Bramwood"}],
+             "gold_answers": ["Ada Bramwood", "Paris, of course"]}, ROWS[1]]
+    dataset = SFTDataset(rows, tokenizer, TaskDataSpec("squad"), tokenization(max_seq_length=256), source="validation")
+    samples = first_val_samples(dataset, tokenizer, 2)
+    assert [s.gold_answers for s in samples] == [["Ada Bramwood", "Paris, of course"], ["Up to thirty metres long."]]
+    scores = sft._val_generation_scores(_gen_run(dataset, tokenizer, FakePolicy(tokenizer), enabled=True, num_prompts=2))
+    # "Paris, of course" matches the second gold exactly: EM and F1 1 for the first row, 0 for the second
+    assert scores == {"gen_exact_match": 0.5, "gen_f1": 0.5}
+
+
 def test_val_generation_math_accuracy_and_off_costs_nothing(tokenizer, dataset):
     class MathPolicy(FakePolicy):
         def generate_greedy(self, prompts, *, max_new_tokens):

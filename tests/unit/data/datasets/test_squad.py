@@ -55,3 +55,13 @@ def test_row_without_answers_names_dataset_split_and_row(tmp_path):
         DataError, match=rf"{tmp_path} split train row 3: answers.text must hold at least one"
     ):
         SquadDataset(data_path=str(tmp_path))
+
+
+def test_every_gold_answer_is_kept_beside_the_first_as_the_assistant_turn(tmp_path):
+    row = {"id": "1", "title": "T", "context": "In 1793, Dmitri Kessski was born in Larkwick.",
+           "question": "Who was born in Larkwick?",
+           "answers": {"text": ["Dmitri Kessski", "Kessski", "Dmitri Kessski"], "answer_start": [9, 16, 9]}}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    formatted = SquadDataset(data_path=str(tmp_path)).formatted_ds["train"][0]
+    assert formatted["messages"][2] == {"role": "assistant", "content": "Dmitri Kessski"}
+    assert formatted["gold_answers"] == ["Dmitri Kessski", "Kessski"]  # in order, duplicates once

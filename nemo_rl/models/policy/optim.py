@@ -48,7 +48,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) 
     kwargs choose no implementation."""
     optimizer_cls = import_dotted(cfg.name, config_key="policy.optimizer.name")
     params = list(params)
-    kwargs = {**implementation_defaults(optimizer_cls, params, cfg.kwargs), **cfg.kwargs}
+    defaults = implementation_defaults(optimizer_cls, params, cfg.kwargs)
+    kwargs = {**cfg.kwargs, **defaults}
     try:
         return optimizer_cls(params, **kwargs)
     except TypeError as exc:
@@ -67,10 +68,11 @@ def implementation_defaults(
 ) -> dict[str, Any]:
     """`{"fused": True}` for torch's Adam/AdamW when every parameter is a floating-point tensor
     on a CPU or CUDA device and `kwargs` sets none of `fused`, `foreach`, `differentiable`
-    (the user's choice wins); else `{}` (torch's own default). The fused kernel computes the
+    to a value other than None (the user's choice wins); else `{}` (torch's own default). The fused kernel computes the
     same update as the loop, to fp32 rounding (tests/unit/models/policy/test_optim_fused.py)."""
     qualified = f"{getattr(optimizer_cls, '__module__', '')}.{getattr(optimizer_cls, '__qualname__', '')}"
-    if qualified not in _FUSED_BY_DEFAULT or {"fused", "foreach", "differentiable"} & kwargs.keys():
+    chosen = {k for k, v in kwargs.items() if v is not None}  # null: torch's default, i.e. not chosen
+    if qualified not in _FUSED_BY_DEFAULT or {"fused", "foreach", "differentiable"} & chosen:
         return {}
     if not params or not all(isinstance(p, torch.Tensor) for p in params):  # param groups: left alone
         return {}

@@ -30,6 +30,11 @@ def test_adam_and_adamw_default_to_the_fused_kernel(name):
     assert optimizer.defaults["fused"] is True
 
 
+def test_null_choices_leave_the_default():  # `foreach: null` in YAML: torch's default, not a choice
+    optimizer = build_optimizer(_params(), OptimizerConfig(kwargs={"lr": 1e-3, "foreach": None, "fused": None}))
+    assert optimizer.defaults["fused"] is True
+
+
 @pytest.mark.parametrize("choice", [{"foreach": False}, {"foreach": True}, {"fused": False}, {"differentiable": True}])
 def test_the_configured_implementation_wins(choice):
     optimizer = build_optimizer(_params(), OptimizerConfig(kwargs={"lr": 1e-3, **choice}))

@@ -1,45 +1,47 @@
-"""SFT training throughput on one fixed synthetic workload: our DTensor policy worker with
-plain padded micro-batches, dynamic batching, sequence packing and packing + torch.compile,
-next to Hugging Face TRL's SFTTrainer with its padding and its packing.
+"""SFT training throughput on one fixed synthetic workload, measured so that a shared, loaded
+machine still gives comparable numbers: our policy worker (padded, full logits, dynamic
+batching, packing), the same worker behind Ray as examples/run_sft.py drives it, a
+hand-written PyTorch loop doing the same math, and Hugging Face TRL's SFTTrainer.
 
-    uv sync --group bench                                  # TRL, for the comparison rows
-    uv run python benchmarks/sft_throughput.py --preset cpu-small --out bench_cpu.json
+    uv sync --group bench                                  # TRL, for its rows
+    uv run python benchmarks/sft_throughput.py --preset cpu-small --out benchmarks/results/cpu_small_squad.json
     uv run python benchmarks/sft_throughput.py --preset gpu-llama-1b --out bench_h100.json
 
-What is measured, and how:
-  - The workload: seeded random samples shaped like SQuAD prompts for a chat template
-    (prompt 150-250 tokens, answer 5-30, loss on the answer only), or `--workload chat`
-    (long-tailed lengths). Random token ids: throughput does not depend on them.
-  - The model: a randomly initialised Llama of the preset's shape (no download), saved once
-    and loaded by every run, so all runs train the same weights.
-  - Our worker runs in-process as a single-rank gloo/NCCL group (no Ray): this times the
-    training step itself, as a worker does it, without the driver's scheduling.
-  - Each configuration runs in a fresh process (clean memory high-water mark, no shared
-    compile cache), first `warmup` optimizer steps untimed (compilation happens there),
-    then `steps` timed steps over the next global batches.
-  - tokens/s counts the real tokens (prompt + answer, no padding) of the samples trained on.
-    MFU = model FLOPs (nemo_rl/utils/flops.py: 6 x weights per token + causal attention,
-    the output layer at target positions only, padding not counted) / step time / peak; on CPU the peak is a matmul measured once here
-    (a practical peak, not a datasheet one), on GPUs the bf16 datasheet number.
-  - Peak memory: the GPU's max allocated bytes over the timed steps; on CPU the largest
-    resident set size sampled during the timed steps (it includes the process baseline:
-    Python, torch, the model and optimizer state).
+How:
+  - Every configuration lives in its own process for the whole run (model loaded once,
+    untimed warm-up steps first). The driver then runs rounds: in each round every
+    configuration trains `--steps-per-round` optimizer steps while the others wait idle, the
+    starting configuration rotating from round to round (benchmarks/bench_stats.py). Each
+    configuration's tokens/s is the median over rounds, with its spread, (max - min) / median.
+  - Ratios ("vs hand, fused") are medians of per-round ratios: two configurations measured a
+    few seconds apart saw about the same load. The load average before and after is reported.
+  - "hand" rows: a plain PyTorch loop on the same model and micro-batches doing the math of
+    our padded path: decoder to hidden states, output layer at the target positions only,
+    fp32 cross-entropy summed and divided by the global batch's target count, AdamW, gradient
+    clipping at 1.0; once with torch's per-tensor AdamW loop, once with its fused kernel.
+  - "ours, via Ray": `Policy` with one worker on a local Ray cluster, the path of
+    examples/run_sft.py, on the same batches; its ratio to the in-process worker is the
+    driver's and Ray's overhead.
+  - MFU = model FLOPs (nemo_rl/utils/flops.py: the output layer at target positions only,
+    padding not counted) / time / peak. On a CPU the peak is the "matmul peak" row: a large
+    matmul timed in the same rounds, so it saw the same load; on a GPU the datasheet number.
+  - tokens/s counts real tokens (prompt and answer, no padding). Memory: the process's peak
+    resident set on CPU (Python, torch, model and optimizer included), max allocated on GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
 import random
+import resource
 import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -47,8 +49,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
+from bench_stats import interleaved_order, paired_ratios, summarize  # noqa: E402
 
 LLAMA_3_2_1B = dict(  # meta-llama/Llama-3.2-1B's config.json, minus the weights
     vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -61,31 +65,37 @@ LLAMA_3_2_1B = dict(  # meta-llama/Llama-3.2-1B's config.json, minus the weights
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A few minutes on a laptop CPU. The vocabulary is a real one's size (Llama 2's), so the
-    # output layer and the loss weigh what they weigh in practice.
+    # The vocabulary is a real one's size (Llama 2's), so the output layer weighs what it does.
     "cpu-small": dict(
         model=dict(
             vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
         ),
-        device="cpu", precision="float32", global_batch=8, micro_batch=4, warmup=1, steps=3,
+        device="cpu", precision="float32", global_batch=8, micro_batch=4, warmup=1, steps_per_round=2, rounds=6,
     ),
-    # For a lent GPU: Llama-3.2-1B's shape, bf16 compute on fp32 master weights.
+    # For a GPU: Llama-3.2-1B's shape, bf16 compute on fp32 master weights.
     "gpu-llama-1b": dict(
         model=LLAMA_3_2_1B, device="cuda", precision="bfloat16",
-        global_batch=64, micro_batch=8, warmup=3, steps=10,
+        global_batch=64, micro_batch=8, warmup=3, steps_per_round=3, rounds=5,
     ),
 }
 
-RUNS = [  # (name, framework, worker policy overrides or TRL options)
-    ("padded", "ours", {}),
-    ("padded, full logits", "ours", {"dtensor_cfg": {"chunked_loss": False}}),
-    ("dynamic batching", "ours", {"dynamic_batching": {"enabled": True}}),
-    ("packing", "ours", {"sequence_packing": {"enabled": True}}),
-    ("packing + compile", "ours", {"sequence_packing": {"enabled": True}, "dtensor_cfg": {"compile": True}}),
-    ("padding", "trl", {"packing": False}),
-    ("packing", "trl", {"packing": True}),
-]
+# name -> (kind, options). "hand, fused AdamW" is the reference every ratio is taken against.
+REFERENCE = "hand, fused AdamW"
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hand, fused AdamW": ("hand", {"fused": True}),
+    "hand, AdamW loop": ("hand", {"fused": False}),
+    "ours, padded": ("ours", {}),
+    "ours, via Ray": ("ray", {}),
+    "ours, padded, full logits": ("ours", {"dtensor_cfg": {"chunked_loss": False}}),
+    "ours, dynamic batching": ("ours", {"dynamic_batching": {"enabled": True}}),
+    "ours, packing": ("ours", {"sequence_packing": {"enabled": True}}),
+    "ours, packing + compile": ("ours", {"sequence_packing": {"enabled": True}, "dtensor_cfg": {"compile": True}}),
+    "TRL, padding": ("trl", {"packing": False}),
+    "TRL, packing": ("trl", {"packing": True}),
+    "matmul peak": ("peak", {}),
+}
+DEFAULT_CONFIGS = [name for name in CONFIGS if name != "ours, packing + compile"]  # compile: minutes of warm-up
 
 
 # ---------------------------------------------------------------- workload
@@ -124,73 +134,17 @@ def global_batches(samples, global_batch: int):
     return batches
 
 
-# ---------------------------------------------------------------- measuring
+# ---------------------------------------------------------------- the configurations
 
 
-class PeakMemory:
-    """GPU: max allocated bytes since `start`. CPU: largest RSS sampled every 5 ms."""
-
-    def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def start(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        elif os.path.exists("/proc/self/statm"):
-            self.peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def stop_gb(self) -> float | None:
-        if self.device == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**30
-        if not hasattr(self, "_thread"):
-            return None
-        self._stop.set()
-        self._thread.join()
-        return self.peak / 2**30
-
-
-def _sync(device: str):
+def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _summary(step_times, tokens, flops, peak_flops, peak_mem_gb, **extra) -> dict[str, Any]:
-    seconds = sum(step_times)
-    return {
-        "status": "ok",
-        "tokens_per_s": sum(tokens) / seconds,
-        "step_time_s": seconds / len(step_times),
-        "peak_mem_gb": peak_mem_gb,
-        "mfu": sum(flops) / seconds / peak_flops if peak_flops else None,
-        "tokens_per_step": sum(tokens) / len(tokens),
-        **extra,
-    }
-
-
-# ---------------------------------------------------------------- our worker
-
-
-def run_ours(preset: dict, model_dir: str, overrides: dict, samples, peak_flops: float | None) -> dict:
+def _policy_config(preset: dict, model_dir: str, overrides: dict, max_len: int):
     from nemo_rl.config.schema import PolicyConfig
-    from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
-    from nemo_rl.utils.flops import training_flops
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    max_len = max(len(s["input_ids"]) for s in samples)
     mb_tokens = preset["micro_batch"] * max_len  # NeMo RL's default train_mb_tokens
     fields: dict[str, Any] = dict(
         model_name=model_dir,
@@ -207,137 +161,164 @@ def run_ours(preset: dict, model_dir: str, overrides: dict, samples, peak_flops:
         if key in ("dynamic_batching", "sequence_packing"):
             fields[key].setdefault("train_mb_tokens", mb_tokens)
     if overrides.get("dtensor_cfg", {}).get("compile") and "sequence_packing" in overrides:
-        # Packed rows padded to the full budget: one static shape, one compilation.
-        fields["sequence_packing"]["sequence_length_round"] = mb_tokens
-    cfg = PolicyConfig(**fields)
-    worker = DTensorPolicyWorker(cfg, seed=0, device=preset["device"])
-    batches = global_batches(samples, preset["global_batch"])
-    for batch in batches[: preset["warmup"]]:
-        worker.train(batch, micro_batch_size=cfg.train_micro_batch_size)
-    step_times, tokens, flops = [], [], []
-    memory = PeakMemory(preset["device"])
-    memory.start()
-    for batch in batches[preset["warmup"] : preset["warmup"] + preset["steps"]]:
-        _sync(preset["device"])
-        start = time.perf_counter()
-        metrics = worker.train(batch, micro_batch_size=cfg.train_micro_batch_size)
-        _sync(preset["device"])
-        step_times.append(time.perf_counter() - start)
-        tokens.append(metrics["num_tokens"])
+        fields["sequence_packing"]["sequence_length_round"] = mb_tokens  # one static shape
+    return PolicyConfig(**fields)
+
+
+class OursStepper:
+    """Our worker in this process, as a single-rank process group (no Ray)."""
+
+    def __init__(self, preset, model_dir, options, max_len):
+        from nemo_rl.algorithms.loss_functions import NLLLoss
+        from nemo_rl.models.policy.micro_batching import MicroBatchPlan
+        from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cfg = _policy_config(preset, model_dir, options, max_len)
+        self.worker = DTensorPolicyWorker(cfg, seed=0, device=preset["device"])
+        self.loss_fn, self.plan = NLLLoss(), MicroBatchPlan.for_training(cfg)
+
+    def step(self, batch) -> dict:
+        return self.worker.train(batch, self.loss_fn, self.plan)
+
+
+class RayStepper:
+    """`Policy` with one worker on a local Ray cluster: the path examples/run_sft.py takes.
+    The worker gets as many CPU threads as the in-process configurations have."""
+
+    def __init__(self, preset, model_dir, options, max_len):
+        from nemo_rl.algorithms.loss_functions import NLLLoss
+        from nemo_rl.distributed import RayVirtualCluster, init_ray
+        from nemo_rl.models.policy.lm_policy import Policy
+
+        threads = torch.get_num_threads()
+        init_ray(temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"), num_cpus=threads)
+        cluster = RayVirtualCluster(1, 1, use_gpus=preset["device"] == "cuda", cpus_per_worker=threads)
+        self.policy = Policy(cluster, _policy_config(preset, model_dir, options, max_len), seed=0)
+        self.loss_fn = NLLLoss()
+
+    def step(self, batch) -> dict:
+        return self.policy.train(batch, self.loss_fn)
+
+    def close(self) -> None:
+        import ray
+
+        self.policy.shutdown()
+        ray.shutdown()
+
+
+class HandStepper:
+    """The plain loop: the math of our padded path, with nothing else."""
+
+    def __init__(self, preset, model_dir, options, max_len):
+        from transformers import AutoModelForCausalLM
+
+        self.device, self.micro_batch = preset["device"], preset["micro_batch"]
+        self.dtype = torch.bfloat16 if preset["precision"] == "bfloat16" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-5, weight_decay=0.0, foreach=False, fused=options["fused"]
+        )
+
+    def step(self, batch) -> dict:
+        from nemo_rl.data.targets import target_mask
+
+        mask_BT1 = target_mask(batch)
+        num_targets = mask_BT1.sum()
+        head = self.model.get_output_embeddings()
+        loss_sum = 0.0
+        for start in range(0, batch.size, self.micro_batch):
+            ids_BT = batch["input_ids"][start : start + self.micro_batch].to(self.device)
+            mask_bt = mask_BT1[start : start + self.micro_batch].to(self.device) > 0
+            with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                hidden_BTH = self.model.model(input_ids=ids_BT).last_hidden_state
+                logits_NV = head(hidden_BTH[:, :-1][mask_bt])
+            loss = torch.nn.functional.cross_entropy(logits_NV.float(), ids_BT[:, 1:][mask_bt], reduction="sum") / num_targets
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         lengths = batch["input_lengths"].tolist()
-        flops.append(training_flops(worker.model.config, lengths, num_targets=metrics["num_valid_tokens"]))
-    peak_mem = memory.stop_gb()
-    result = _summary(step_times, tokens, flops, peak_flops, peak_mem, final_loss=metrics["loss"])
-    result["chunked_loss"] = worker.chunked_loss
-    worker.shutdown()
-    return result
+        return {"loss": loss_sum, "num_tokens": sum(lengths), "num_valid_tokens": int(num_targets)}
 
 
-# ---------------------------------------------------------------- TRL
+class PeakStepper:
+    """One n x n matmul per "step": the practical peak FLOP/s, measured under the same load."""
+
+    def __init__(self, preset, model_dir, options, max_len):
+        self.device = preset["device"]
+        n = 2048
+        generator = torch.Generator(self.device).manual_seed(0)
+        self.a = torch.randn(n, n, device=self.device, generator=generator)
+        self.b = torch.randn(n, n, device=self.device, generator=generator)
+        self.flops = 2 * n**3
+
+    def step(self, batch) -> dict:
+        for _ in range(4):
+            torch.matmul(self.a, self.b)
+        return {"num_tokens": 0, "flops": 4 * self.flops}
 
 
-def run_trl(preset: dict, model_dir: str, options: dict, samples, peak_flops: float | None) -> dict:
-    try:
-        import trl
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    except ImportError as e:
-        return {"status": f"skipped: {e.name} is not installed (uv sync --group bench)"}
+STEPPERS = {"ours": OursStepper, "ray": RayStepper, "hand": HandStepper, "peak": PeakStepper}
+
+
+def _serve(conn, kind, preset, model_dir, options, batches, max_len) -> None:
+    """A configuration's process: build, warm up, then one round per request."""
+    from transformers import AutoConfig
+
     from nemo_rl.utils.flops import training_flops
 
-    device, packing = preset["device"], options["packing"]
-    max_len = max(len(s["input_ids"]) for s in samples)
-    total_steps = preset["warmup"] + preset["steps"]
-    used = samples[: total_steps * preset["global_batch"]]
-    dataset = Dataset.from_list(
-        [
-            {"input_ids": s["input_ids"], "completion_mask": [0] * s["prompt_len"] + [1] * (len(s["input_ids"]) - s["prompt_len"])}
-            for s in used
-        ]
-    )
-    if packing:  # rows of our packing's budget; as many per step as hold a global batch's tokens
-        max_length = preset["micro_batch"] * max_len
-        per_device = 1
-        mean_len = sum(len(s["input_ids"]) for s in used) / len(used)
-        accumulation = max(1, math.ceil(preset["global_batch"] * mean_len / max_length))
-    else:
-        max_length, per_device = max_len, preset["micro_batch"]
-        accumulation = preset["global_batch"] // preset["micro_batch"]
+    torch.manual_seed(0)
+    try:
+        if kind == "trl":
+            from trl_runner import TRLStepper  # noqa: PLC0415 (only where TRL runs)
 
-    args = trl.SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl_bench_"),
-        max_steps=total_steps,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=1e-5,
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        gradient_checkpointing=False,  # TRL's default is on; ours runs without it too
-        max_length=max_length,
-        packing=packing,
-        completion_only_loss=True,
-        bf16=preset["precision"] == "bfloat16",
-        use_cpu=device == "cpu",
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    lengths_this_step: list[int] = []
-    targets_this_step: list[int] = []
+            stepper = TRLStepper(preset, model_dir, options, batches, max_len)
+        else:
+            stepper = STEPPERS[kind](preset, model_dir, options, max_len)
+        model_config = AutoConfig.from_pretrained(model_dir)
+        cursor = 0
+        for _ in range(preset["warmup"]):
+            stepper.step(batches[cursor % len(batches)])
+            cursor += 1
+        conn.send({"status": "ready"})
+        while (request := conn.recv()) is not None:
+            seconds = tokens = flops = 0.0
+            for _ in range(request):
+                batch = batches[cursor % len(batches)]
+                cursor += 1
+                _sync(preset["device"])
+                start = time.perf_counter()
+                metrics = stepper.step(batch)
+                _sync(preset["device"])
+                seconds += time.perf_counter() - start
+                tokens += metrics["num_tokens"]
+                if "flops" in metrics:
+                    flops += metrics["flops"]
+                else:  # TRL reports the samples its own loader gave it
+                    lengths = metrics.get("lengths") or batch["input_lengths"][batch["sample_mask"] > 0].tolist()
+                    flops += training_flops(model_config, lengths, num_targets=metrics["num_valid_tokens"])
+            conn.send({"seconds": seconds, "tokens": tokens, "flops": flops, "loss": metrics.get("loss")})
+        if hasattr(stepper, "close"):
+            stepper.close()
+        conn.send({"peak_mem_gb": _peak_memory_gb(preset["device"])})
+    except Exception as e:  # a configuration that cannot run here is reported, not fatal
+        traceback.print_exc()
+        conn.send({"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"})
 
-    class Trainer(trl.SFTTrainer):
-        def compute_loss(self, model, inputs, *a, **k):  # the sample lengths, for tokens and FLOPs
-            if "position_ids" in inputs and "attention_mask" not in inputs:
-                starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [inputs["position_ids"].shape[1]]
-                lengths_this_step.extend(b - a for a, b in zip(starts, starts[1:]))
-            else:
-                lengths_this_step.extend(inputs["attention_mask"].sum(dim=1).tolist())
-            targets_this_step.append(int((inputs["labels"] != -100).sum()))
-            return super().compute_loss(model, inputs, *a, **k)
 
-    step_times, tokens, flops = [], [], []
-    memory = PeakMemory(device)
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == preset["warmup"]:
-                memory.start()
-            _sync(device)
-            lengths_this_step.clear()
-            targets_this_step.clear()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            _sync(device)
-            if state.global_step > preset["warmup"]:  # global_step counts this step already
-                step_times.append(time.perf_counter() - self.start)
-                tokens.append(sum(lengths_this_step))
-                flops.append(training_flops(model.config, lengths_this_step, num_targets=sum(targets_this_step)))
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
-    trainer.train()
-    return _summary(step_times, tokens, flops, peak_flops, memory.stop_gb(), trl_version=trl.__version__)
+def _peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
 
 
 # ---------------------------------------------------------------- driver
-
-
-def _child(queue, framework, preset, model_dir, options, samples, peak_flops):
-    torch.manual_seed(0)
-    try:
-        run = run_ours if framework == "ours" else run_trl
-        queue.put(run(preset, model_dir, options, samples, peak_flops))
-    except Exception as e:  # a configuration that cannot run here is reported, not fatal
-        traceback.print_exc()
-        queue.put({"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"})
 
 
 def make_model_dir(model_kwargs: dict, root: str) -> str:
@@ -351,61 +332,175 @@ def make_model_dir(model_kwargs: dict, root: str) -> str:
     return path
 
 
-def compile_available(device: str) -> str | None:
-    """None if torch.compile's default backend can build here, else why not."""
-    if device == "cpu" and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
-        return "no C++ compiler for inductor on CPU"
-    if device == "cuda":
+def why_not_available(kind: str, options: dict, device: str) -> str | None:
+    """None if the configuration can run here, else why not."""
+    if kind == "trl":
         try:
-            import triton  # noqa: F401
+            import trl  # noqa: F401
         except ImportError:
-            return "triton is not installed"
+            return "skipped: trl is not installed (uv sync --group bench)"
+    if options.get("dtensor_cfg", {}).get("compile"):
+        if device == "cpu" and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+            return "skipped: no C++ compiler for inductor on CPU"
+    if kind == "peak" and device != "cpu":
+        return "skipped: the GPU's peak is its datasheet number"
     return None
 
 
-def print_table(report: dict) -> None:
-    rows = report["results"]
-    baseline = next((r for r in rows if r["framework"] == "trl" and r["name"] == "padding" and r["status"] == "ok"), None)
-    header = f"{'framework':<9} {'configuration':<20} {'tokens/s':>10} {'step s':>8} {'peak GiB':>9} {'MFU':>7} {'vs TRL pad':>10}"
+def _load() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def run_rounds(names: list[str], preset: dict, model_dir: str, batches, max_len: int) -> dict[str, dict]:
+    """Starts one process per configuration (one after another, so that set-up does not
+    contend), then the interleaved rounds; each name's per-round measurements."""
+    context = mp.get_context("spawn")
+    conns, processes, records = {}, {}, {}
+    for name in names:
+        kind, options = CONFIGS[name]
+        print(f"... starting {name}", flush=True)
+        parent, child = context.Pipe()
+        process = context.Process(target=_serve, args=(child, kind, preset, model_dir, options, batches, max_len))
+        process.start()
+        reply = parent.recv() if parent.poll(3600) else {"status": "failed: no answer in an hour"}
+        records[name] = {"status": reply.get("status", "failed"), "rounds": []}
+        if reply.get("status") == "ready":
+            conns[name], processes[name] = parent, process
+        else:
+            process.join()
+    active = [n for n in names if n in conns]
+    for r, order in enumerate(interleaved_order(active, preset["rounds"])):
+        print(f"... round {r + 1}/{preset['rounds']}", flush=True)
+        measured = {}
+        for name in order:
+            conns[name].send(preset["steps_per_round"])
+            measured[name] = conns[name].recv()
+            print(f"    {name}: {measured[name]['tokens'] / measured[name]['seconds']:.0f} tokens/s", flush=True)
+        for name in active:  # a round's results in config order, so that rounds line up
+            records[name]["rounds"].append(measured[name])
+    for name in active:
+        conns[name].send(None)
+        records[name].update(conns[name].recv())
+        processes[name].join()
+    return records
+
+
+def build_report(records: dict[str, dict], device: str, datasheet_peak: float | None) -> list[dict]:
+    """One row per configuration: median tokens/s and its spread, the per-round ratio to the
+    reference and to the in-process worker, MFU against the peak of the same round."""
+    def per_round(name: str, key: str) -> list[float | None]:
+        rounds = records.get(name, {}).get("rounds", [])
+        return [m[key] / m["seconds"] for m in rounds]
+
+    n_rounds = max((len(r["rounds"]) for r in records.values()), default=0)
+    none = [None] * n_rounds
+    reference = per_round(REFERENCE, "tokens") if records.get(REFERENCE, {}).get("rounds") else none
+    in_process = per_round("ours, padded", "tokens") if records.get("ours, padded", {}).get("rounds") else none
+    if device == "cpu":
+        peak = per_round("matmul peak", "flops") if records.get("matmul peak", {}).get("rounds") else none
+    else:
+        peak = [datasheet_peak] * n_rounds
+    rows = []
+    for name, record in records.items():
+        row: dict[str, Any] = {"name": name, "status": record["status"], "peak_mem_gb": record.get("peak_mem_gb")}
+        if record["status"] != "ready" or not record["rounds"]:
+            rows.append(row)
+            continue
+        row["status"] = "ok"
+        row["rounds"] = record["rounds"]
+        if name == "matmul peak":
+            row["flops_per_s"] = summarize(per_round(name, "flops"))
+            rows.append(row)
+            continue
+        tokens = per_round(name, "tokens")
+        row["tokens_per_s"] = summarize(tokens)
+        row["step_s"] = summarize([m["seconds"] / record["steps_per_round"] for m in record["rounds"]])
+        for key, denominators in (("vs_reference", reference), ("vs_in_process", in_process)):
+            ratios = paired_ratios(tokens, denominators)
+            row[key] = summarize(ratios) if ratios else None
+        mfu = paired_ratios(per_round(name, "flops"), peak)
+        row["mfu"] = summarize(mfu) if mfu else None
+        row["final_loss"] = record["rounds"][-1].get("loss")
+        rows.append(row)
+    return rows
+
+
+def _cell(summary: dict | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    if not summary:
+        return "-"
+    return f"{format(summary['median'] * scale, fmt)}{unit} ±{100 * summary['spread'] / 2:.0f}%"
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'configuration':<26} {'tokens/s':>14} {'vs hand, fused':>16} {'vs in-process':>15} {'MFU':>12} {'peak GiB':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['framework']:<9} {r['name']:<20} {r['status']}")
-            continue
-        mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        ratio = f"{r['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else "-"
-        print(f"{r['framework']:<9} {r['name']:<20} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.3f} {mem:>9} {mfu:>7} {ratio:>10}")
+            print(f"{r['name']:<26} {r['status']}")
+        elif r["name"] == "matmul peak":
+            print(f"{r['name']:<26} {_cell(r['flops_per_s'], '.2f', 1e-12) + ' TFLOP/s':>40}")
+        else:
+            mem = f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-"
+            print(
+                f"{r['name']:<26} {_cell(r['tokens_per_s'], '.0f'):>14} {_cell(r['vs_reference'], '.3f'):>16} "
+                f"{_cell(r['vs_in_process'], '.3f'):>15} {_cell(r['mfu'], '.1f', 100, '%'):>12} {mem:>9}"
+            )
+    print("(median over rounds; ±: half the spread, (max - min) / median / 2; ratios: medians of per-round ratios)")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--workload", choices=["squad", "chat"], default="squad")
-    parser.add_argument("--steps", type=int, help="timed steps (default: the preset's)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default: the preset's)")
-    parser.add_argument("--only", nargs="*", help="run only configurations whose 'framework: name' contains one of these")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the preset's)")
+    parser.add_argument("--steps-per-round", type=int, help="optimizer steps per configuration per round")
+    parser.add_argument("--warmup", type=int, help="untimed steps per configuration first")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), metavar="NAME",
+                        help=f"configurations to run (default: all but compile); names: {', '.join(CONFIGS)}")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     preset = dict(PRESETS[args.preset])
-    preset["warmup"] = args.warmup if args.warmup is not None else preset["warmup"]
-    preset["steps"] = args.steps if args.steps is not None else preset["steps"]
+    for key in ("rounds", "steps_per_round", "warmup"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         parser.error(f"--preset {args.preset} needs a GPU")
+    from transformers import AutoConfig
+
     from nemo_rl.utils.flops import device_peak_flops, training_flops
 
     dtype = torch.bfloat16 if preset["precision"] == "bfloat16" else torch.float32
-    peak_flops, peak_source = device_peak_flops(torch.device(preset["device"]), dtype)
-    samples = make_workload(args.workload, (preset["warmup"] + preset["steps"]) * preset["global_batch"], preset["model"]["vocab_size"])
+    datasheet_peak, peak_source = device_peak_flops(torch.device(preset["device"]), dtype) if preset["device"] == "cuda" else (None, "")
+    num_batches = max(4, preset["warmup"] + preset["steps_per_round"])
+    samples = make_workload(args.workload, num_batches * preset["global_batch"], preset["model"]["vocab_size"])
     lengths = [len(s["input_ids"]) for s in samples]
+    max_len = max(lengths)
+    batches = global_batches(samples, preset["global_batch"])
     root = tempfile.mkdtemp(prefix="sft_bench_")
     model_dir = make_model_dir(preset["model"], root)
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(model_dir)
-    report: dict[str, Any] = {
+
+    names = args.configs or DEFAULT_CONFIGS
+    skipped = {}
+    for name in names:
+        reason = why_not_available(*CONFIGS[name], preset["device"])
+        if reason:
+            skipped[name] = reason
+    print(f"# {args.preset}, {args.workload}: {len(batches)} global batches of {preset['global_batch']} "
+          f"({sum(lengths) / len(lengths):.0f} tokens mean), {preset['rounds']} rounds x {preset['steps_per_round']} steps, "
+          f"{preset['warmup']} warm-up; torch threads {torch.get_num_threads()}")
+    load_before = _load()
+    started = time.perf_counter()
+    records = run_rounds([n for n in names if n not in skipped], preset, model_dir, batches, max_len)
+    for name, reason in skipped.items():
+        records[name] = {"status": reason, "rounds": []}
+    for record in records.values():
+        record["steps_per_round"] = preset["steps_per_round"]
+    load_after = _load()
+    rows = build_report({n: records[n] for n in names}, preset["device"], datasheet_peak)
+    report = {
         "preset": args.preset,
         "workload": args.workload,
         "machine": {
@@ -414,48 +509,27 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
         },
-        "peak_flops": peak_flops,
-        "peak_flops_source": peak_source,
+        "peak": "the matmul peak row, per round" if preset["device"] == "cpu" else f"{datasheet_peak} FLOP/s ({peak_source})",
         "settings": {k: v for k, v in preset.items() if k != "model"} | {"model": preset["model"]},
         "workload_stats": {
-            "samples": len(samples), "mean_len": sum(lengths) / len(lengths), "min_len": min(lengths), "max_len": max(lengths),
+            "samples": len(samples), "mean_len": sum(lengths) / len(lengths), "min_len": min(lengths), "max_len": max_len,
             "model_flops_per_token": training_flops(
                 config, lengths, num_targets=sum(len(s["input_ids"]) - s["prompt_len"] for s in samples)
             ) / sum(lengths),
         },
-        "how": "our DTensorPolicyWorker in-process as a single-rank process group (no Ray), "
-        "each configuration in a fresh process; TRL SFTTrainer in the same way",
-        "results": [],
+        "wall_s": time.perf_counter() - started,
+        "results": rows,
     }
-    print(f"# {args.preset}, {args.workload} workload: {len(samples)} samples, {report['workload_stats']['mean_len']:.0f} tokens mean, "
-          f"global batch {preset['global_batch']}, {preset['warmup']} warm-up + {preset['steps']} timed steps")
-    print(f"# {report['how']}; peak {peak_flops / 1e12 if peak_flops else float('nan'):.2f} TFLOP/s ({peak_source})")
-
-    context = mp.get_context("spawn")
-    no_compile = compile_available(preset["device"])
-    for name, framework, options in RUNS:
-        label = f"{framework}: {name}"
-        if args.only and not any(o in label for o in args.only):
-            continue
-        if options.get("dtensor_cfg", {}).get("compile") and no_compile:
-            result = {"status": f"skipped: {no_compile}"}
-        else:
-            print(f"... {label}", flush=True)
-            queue = context.Queue()
-            process = context.Process(target=_child, args=(queue, framework, preset, model_dir, options, samples, peak_flops))
-            started = time.perf_counter()
-            process.start()
-            process.join()
-            result = queue.get() if not queue.empty() else {"status": f"failed: exit code {process.exitcode}"}
-            result["wall_s"] = time.perf_counter() - started
-        report["results"].append({"framework": framework, "name": name, **result})
-
     print()
-    print_table(report)
+    print_table(rows)
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.out}")
+        print(f"wrote {args.out}")
     shutil.rmtree(root, ignore_errors=True)
     return report
 

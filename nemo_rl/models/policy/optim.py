@@ -44,11 +44,44 @@ def import_dotted(name: str, *, config_key: str) -> Any:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """`cfg.name(params, **cfg.kwargs)`, with `implementation_defaults` added where the
+    kwargs choose no implementation."""
     optimizer_cls = import_dotted(cfg.name, config_key="policy.optimizer.name")
+    params = list(params)
+    defaults = implementation_defaults(optimizer_cls, params, cfg.kwargs)
+    kwargs = {**cfg.kwargs, **defaults}
     try:
-        return optimizer_cls(params, **cfg.kwargs)
+        return optimizer_cls(params, **kwargs)
     except TypeError as exc:
         raise ValueError(f"policy.optimizer: {cfg.name}(**{cfg.kwargs}) failed: {exc}") from exc
+
+
+# torch's Adam and AdamW have one fused kernel for all parameters of a step, on CPU and CUDA,
+# DTensor shards included. Left to itself torch picks it nowhere: it picks `foreach` on CUDA
+# and the per-tensor loop on CPU, which is measurably slower (docs/performance.md).
+_FUSED_BY_DEFAULT = ("torch.optim.adam.Adam", "torch.optim.adamw.AdamW")
+_FUSED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def implementation_defaults(
+    optimizer_cls: Any, params: list[torch.nn.Parameter], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """`{"fused": True}` for torch's Adam/AdamW when every parameter is a floating-point tensor
+    on a CPU or CUDA device and `kwargs` sets none of `fused`, `foreach`, `differentiable`
+    to a value other than None (the user's choice wins); else `{}` (torch's own default). The fused kernel computes the
+    same update as the loop, to fp32 rounding (tests/unit/models/policy/test_optim_fused.py)."""
+    qualified = f"{getattr(optimizer_cls, '__module__', '')}.{getattr(optimizer_cls, '__qualname__', '')}"
+    chosen = {k for k, v in kwargs.items() if v is not None}  # null: torch's default, i.e. not chosen
+    if qualified not in _FUSED_BY_DEFAULT or {"fused", "foreach", "differentiable"} & chosen:
+        return {}
+    if not params or not all(isinstance(p, torch.Tensor) for p in params):  # param groups: left alone
+        return {}
+    devices = {p.device.type for p in params}
+    if len(devices) != 1 or not devices <= set(_FUSED_DEVICE_TYPES):
+        return {}
+    if not all(torch.is_floating_point(p) for p in params):
+        return {}
+    return {"fused": True}
 
 
 def build_scheduler(

@@ -23,7 +23,6 @@ import logging
 import contextlib
 import math
 import os
-import resource
 from typing import Any
 
 import torch
@@ -41,7 +40,6 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
-from nemo_rl.data.targets import count_valid_tokens
 from nemo_rl.distributed.worker_env import init_torch_distributed
 from nemo_rl.models.context_parallel import (
     LAYOUT_KWARG,
@@ -74,7 +72,8 @@ from nemo_rl.models.policy.hf_export import save_hf_checkpoint, save_hf_checkpoi
 from nemo_rl.models.policy.interfaces import LossFn, LossResult
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
-from nemo_rl.utils.flops import device_peak_flops, training_flops
+from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
+from nemo_rl.utils.flops import device_peak_flops
 from nemo_rl.utils.hf_config import load_hf_config
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
@@ -216,15 +215,9 @@ class DTensorPolicyWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
 
-        local_valid_tokens = count_valid_tokens(batch)
-        local_valid_samples = (batch["sample_mask"] > 0).sum().to(torch.float64)
-        lengths = batch["input_lengths"][batch["sample_mask"] > 0].tolist()  # the tokens of samples with loss
         lora_params = self.parameter_counts["trainable"] if self.lora_targets else None
-        flops = training_flops(self.model.config, lengths, num_targets=int(local_valid_tokens.item()), lora_params=lora_params)
-        work = torch.tensor([sum(lengths), flops], dtype=torch.float64)
-        counts = torch.cat([torch.stack([local_valid_tokens, local_valid_samples]), work]).to(self.device)
-        dist.all_reduce(counts, group=self.dp_group)
-        global_valid_tokens = counts[0].to(torch.float32)
+        counts = count_batch(batch, self.model.config, device=self.device, dp_group=self.dp_group, lora_params=lora_params)
+        global_valid_tokens = counts.global_valid_tokens
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in self._micro_batches(batch, plan):
@@ -244,19 +237,15 @@ class DTensorPolicyWorker:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss": loss_sum.item(),
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "num_valid_tokens": int(counts[0].item()),
-            "num_valid_samples": int(counts[1].item()),
-            "local_valid_tokens": int(local_valid_tokens.item()),
-            "peak_memory_gb": self._peak_memory_gb(),
-            "num_tokens": int(counts[2].item()),
-            "model_flops": counts[3].item(),
-            "peak_flops": self.peak_flops,
-            "update_skipped": update_skipped,
-        }
+        return step_metrics(
+            counts,
+            loss=loss_sum.item(),
+            grad_norm=grad_norm,
+            lr=lr,
+            device=self.device,
+            peak_flops=self.peak_flops,
+            update_skipped=update_skipped,
+        )
 
     @torch.no_grad()
     def validate(self, batch: BatchedDataDict, loss_fn: LossFn, plan: MicroBatchPlan) -> dict[str, float]:
@@ -324,7 +313,7 @@ class DTensorPolicyWorker:
         return loss_parallel() if self.tensor_parallel else contextlib.nullcontext()
 
     def _micro_batches(self, batch: BatchedDataDict, plan: MicroBatchPlan) -> list[BatchedDataDict]:
-        return micro_batches(batch, plan, max_over_ranks=self._max_over_ranks)
+        return micro_batches(batch, plan, max_over_ranks=lambda n: max_over_ranks(n, self.device))
 
     def _loss(self, loss_fn: LossFn, mb: BatchedDataDict, global_valid_tokens: torch.Tensor) -> LossResult:
         """From hidden states (no full logits) where the loss function and the model allow it."""
@@ -359,11 +348,6 @@ class DTensorPolicyWorker:
         check_attention_was_hooked(layout, self.attention_layers, self.cfg.model_name)
         return loss_fn(pad_one_position(logits_BLV), loss_batch, global_valid_tokens)
 
-    def _max_over_ranks(self, n: int) -> int:
-        count = torch.tensor([n], dtype=torch.int64, device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return int(count.item())
-
     def _clip_grad_norm(self) -> float:
         """The norm of the whole gradient (all shards), clipped to `max_grad_norm` if set."""
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -384,12 +368,6 @@ class DTensorPolicyWorker:
             for group in by_mesh.values():
                 torch.nn.utils.clip_grads_with_norm_(group, self.cfg.max_grad_norm, total_norm)
         return total_norm.item()
-
-    def _peak_memory_gb(self) -> float:
-        """This step's peak allocated GPU memory, or this process's peak RSS on CPU (GiB)."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
 
     # ------------------------------------------------------------------ checkpoints
 

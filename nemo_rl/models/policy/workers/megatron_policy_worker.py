@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import resource
 from typing import Any
 
 import torch
@@ -37,11 +36,11 @@ import torch.distributed as dist
 
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
-from nemo_rl.data.targets import count_valid_tokens
 from nemo_rl.distributed.worker_env import init_torch_distributed
 from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
-from nemo_rl.utils.flops import device_peak_flops, training_flops
+from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
+from nemo_rl.utils.flops import device_peak_flops
 from nemo_rl.utils.hf_config import load_hf_config
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
@@ -179,14 +178,8 @@ class MegatronPolicyWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
         for model in self.model_chunks:
             model.train()
-        local_valid_tokens = count_valid_tokens(batch)
-        local_valid_samples = (batch["sample_mask"] > 0).sum().to(torch.float64)
-        lengths = batch["input_lengths"][batch["sample_mask"] > 0].tolist()
-        flops = training_flops(self.hf_config, lengths, num_targets=int(local_valid_tokens.item()))
-        work = torch.tensor([sum(lengths), flops], dtype=torch.float64)
-        counts = torch.cat([torch.stack([local_valid_tokens, local_valid_samples]), work]).to(self.device)
-        dist.all_reduce(counts, group=self.dp_group)
-        global_valid_tokens = counts[0].to(torch.float32)
+        counts = count_batch(batch, self.hf_config, device=self.device, dp_group=self.dp_group)
+        global_valid_tokens = counts.global_valid_tokens
 
         for model in self.model_chunks:
             model.zero_grad_buffer()
@@ -213,19 +206,15 @@ class MegatronPolicyWorker:
             self.optimizer.step_with_ready_grads()
         self.scheduler.step(increment=1)
         self._maybe_empty_cache(level=1)
-        return {
-            "loss": loss_sum,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "num_valid_tokens": int(counts[0].item()),
-            "num_valid_samples": int(counts[1].item()),
-            "local_valid_tokens": int(local_valid_tokens.item()),
-            "peak_memory_gb": self._peak_memory_gb(),
-            "num_tokens": int(counts[2].item()),
-            "model_flops": counts[3].item(),
-            "peak_flops": self.peak_flops,
-            "update_skipped": update_skipped,
-        }
+        return step_metrics(
+            counts,
+            loss=loss_sum,
+            grad_norm=grad_norm,
+            lr=lr,
+            device=self.device,
+            peak_flops=self.peak_flops,
+            update_skipped=update_skipped,
+        )
 
     @torch.no_grad()
     def validate(self, batch: BatchedDataDict, loss_fn: LossFn, plan: MicroBatchPlan) -> dict[str, float]:
@@ -255,12 +244,7 @@ class MegatronPolicyWorker:
         )
 
     def _micro_batches(self, batch: BatchedDataDict, plan: MicroBatchPlan) -> list[BatchedDataDict]:
-        return micro_batches(batch, plan, max_over_ranks=self._max_over_ranks)
-
-    def _max_over_ranks(self, n: int) -> int:
-        count = torch.tensor([n], dtype=torch.int64, device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return int(count.item())
+        return micro_batches(batch, plan, max_over_ranks=lambda n: max_over_ranks(n, self.device))
 
     def _sum_over_pipeline_and_data(self, reported: list[dict[str, torch.Tensor]], key: str, *, over_data: bool = True) -> float:
         """The sum of `key` over this rank's micro-batches, which only the last pipeline stage
@@ -276,11 +260,6 @@ class MegatronPolicyWorker:
     def _maybe_empty_cache(self, level: int) -> None:
         if self.device.type == "cuda" and self.cfg.megatron_cfg.empty_unused_memory_level >= level:
             torch.cuda.empty_cache()
-
-    def _peak_memory_gb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
 
     def _count_parameters(self) -> dict[str, int]:
         """Of the whole model: each tensor-parallel shard once, replicated tensors once."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 # longest such suffix (7-digit pid, a two-digit index), so temp_dir + it must fit.
 _MAX_UNIX_SOCKET_PATH = 107
 _RAY_SOCKET_SUFFIX = "/session_2000-01-01_00-00-00_000000_9999999/sockets/plasma_store.99"
+
+LOCAL_START_ATTEMPTS = 3
+_STARTUP_TIMEOUT = "timed out during startup"
 
 
 def init_ray(temp_dir: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -60,13 +64,44 @@ def init_ray(temp_dir: str | None = None, *, num_cpus: int | None = None) -> Non
     # the user asked for them. Set in os.environ because Ray's processes inherit it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _temp_dir=_local_temp_dir(temp_dir),
-        **common,
-    )
+    local = dict(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=_local_temp_dir(temp_dir), **common)
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        children_before = _child_pids()
+        try:
+            ray.init(**local)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if _STARTUP_TIMEOUT not in str(error) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            # Ray waits a fixed 30 s for its raylet to register; a loaded machine can take
+            # longer. The half-started cluster's processes are this driver's children.
+            _kill(_child_pids() - children_before)
+            logger.warning(
+                "Ray's local node did not register within Ray's 30 s (a loaded machine?); starting it again "
+                "(attempt %d of %d)", attempt + 1, LOCAL_START_ATTEMPTS,
+            )
+
+
+def _child_pids() -> set[int]:
+    """This process's direct children (from /proc; empty where there is none)."""
+    me, children = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def shutdown_ray() -> None:

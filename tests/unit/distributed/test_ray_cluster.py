@@ -107,3 +107,53 @@ def test_local_cluster_is_private_quiet_and_init_is_idempotent(short_tmp, tmp_pa
     executable, package_file, cwd = facts["worker"]
     assert (executable, cwd) == facts["driver"] and executable == sys.executable
     assert package_file.startswith(REPO_ROOT)
+
+
+def _fake_ray_start(monkeypatch, outcomes):
+    """ray.init replaced: each call takes the next outcome; an exception outcome first leaves a
+    child process behind, as a half-started local node does."""
+    import subprocess
+
+    from nemo_rl.distributed import ray_cluster
+
+    calls, leftovers = [], []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        outcome = outcomes[len(calls) - 1]
+        if isinstance(outcome, Exception):
+            leftovers.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
+            raise outcome
+
+    monkeypatch.setattr(ray_cluster.ray, "init", fake_init)
+    monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_cluster, "_running_cluster_address", lambda: None)
+    return calls, leftovers
+
+
+STARTUP_TIMEOUT = Exception("The current node timed out during startup. This could happen because ...")
+
+
+def test_a_local_start_that_times_out_is_cleaned_up_and_retried(monkeypatch, caplog):
+    calls, leftovers = _fake_ray_start(monkeypatch, [STARTUP_TIMEOUT, None])
+    with caplog.at_level(logging.WARNING, logger="nemo_rl.distributed.ray_cluster"):
+        init_ray(num_cpus=2)
+    assert len(calls) == 2 and calls[0] == calls[1] and calls[1]["num_cpus"] == 2
+    assert leftovers[0].wait(timeout=10) == -9  # the half-started node's process was killed
+    assert "starting it again (attempt 2 of 3)" in caplog.text
+
+
+def test_other_start_failures_and_the_last_timeout_are_raised(monkeypatch):
+    from nemo_rl.distributed.ray_cluster import LOCAL_START_ATTEMPTS
+
+    calls, _ = _fake_ray_start(monkeypatch, [ValueError("bad argument")])
+    with pytest.raises(ValueError, match="bad argument"):
+        init_ray()
+    assert len(calls) == 1
+    calls, leftovers = _fake_ray_start(monkeypatch, [STARTUP_TIMEOUT] * LOCAL_START_ATTEMPTS)
+    with pytest.raises(Exception, match="timed out during startup"):
+        init_ray()
+    assert len(calls) == LOCAL_START_ATTEMPTS
+    for process in leftovers:
+        process.kill()
+        process.wait()

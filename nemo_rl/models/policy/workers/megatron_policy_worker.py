@@ -37,6 +37,7 @@ import torch.distributed as dist
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.distributed.worker_env import init_torch_distributed
+from nemo_rl.models.parallelize import PRECISIONS
 from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
@@ -290,10 +291,12 @@ class MegatronPolicyWorker:
         optimizer_path: str | None = None,
         hf_path: str | None = None,
         hf_merged_path: str | None = None,
+        hf_dtype: str | None = None,
     ) -> None:
         """Sharded weights (and optimizer + schedule + RNG) with dist_checkpointing, and the
-        Hugging Face directory at `hf_path` (written by rank 0). `hf_merged_path` is LoRA's,
-        which this backend does not have."""
+        Hugging Face directory at `hf_path` (written by rank 0) in `hf_dtype` (default: the
+        training precision's compute dtype, float32 on CPU, as on the DTensor backend).
+        `hf_merged_path` is LoRA's, which this backend does not have."""
         from megatron.core import dist_checkpointing
 
         from nemo_rl.models.megatron import hf_conversion
@@ -316,7 +319,7 @@ class MegatronPolicyWorker:
             dist.barrier()
             torch.save(_rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         if hf_path is not None:
-            dtype = torch.float32 if self.cfg.precision == "float32" else torch.bfloat16
+            dtype = PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)]
             hf_conversion.save_hf_model(self.bare_chunks, self.hf_config, hf_path, dtype=dtype)
         dist.barrier()
 

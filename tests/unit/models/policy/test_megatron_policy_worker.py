@@ -167,6 +167,7 @@ def _save_then_step(rank, model_dir, out_dir):
     worker.save_checkpoint(
         weights_path=f"{out_dir}/weights", optimizer_path=f"{out_dir}/optimizer", hf_path=f"{out_dir}/hf"
     )
+    worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf_bf16", hf_dtype="bfloat16")
     history.append(worker.train(make_batch(2), NLLLoss(), MicroBatchPlan(2)))
     worker.shutdown()
     return history
@@ -207,3 +208,12 @@ def test_checkpoint_resumes_bit_exact_reshards_to_tp1_and_exports_hf(model_dir, 
     hf_model = AutoModelForCausalLM.from_pretrained(f"{out_dir}/hf", dtype=torch.float32)
     with torch.no_grad():
         assert reference_loss(hf_model, make_batch(2)).item() == pytest.approx(step3["loss"], rel=1e-5)
+
+    # checkpointing.hf_dtype: the same weights, written in bfloat16.
+    from safetensors.torch import load_file
+
+    bf16 = load_file(f"{out_dir}/hf_bf16/model.safetensors")
+    fp32 = load_file(f"{out_dir}/hf/model.safetensors")
+    assert bf16.keys() == fp32.keys()
+    for name, tensor in bf16.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, fp32[name].to(torch.bfloat16)), name

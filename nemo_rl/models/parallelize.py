@@ -53,7 +53,9 @@ PRECISIONS: dict[str, torch.dtype] = {
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, found by the class names HF lists in `_no_split_modules`."""
     block_names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in block_names]
+    # By the classes' own names: FSDP2 swaps a sharded module's class for a subclass
+    # ("FSDPLlamaDecoderLayer"), so after sharding the name is found one step up the MRO.
+    layers = [m for m in model.modules() if any(c.__name__ in block_names for c in type(m).__mro__)]
     if not layers:
         raise ValueError(
             f"{type(model).__name__}: found no decoder layers to shard "
@@ -75,7 +77,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 def apply_compile(model: nn.Module, *, backend: str = "inductor") -> nn.Module:
     """torch.compile each decoder layer's forward (the layers share one compiled graph).
 
-    Only `forward` is compiled, so the module hooks FSDP adds later run eagerly around it,
+    Only `forward` is compiled, so the module hooks FSDP adds run eagerly around it,
     and parameter names and the state dict are unchanged (no `_orig_mod.` wrapper).
     Shapes that vary between micro-batches (dynamic batching, packing) recompile once,
     then run with dynamic shapes.

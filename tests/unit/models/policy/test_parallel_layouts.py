@@ -73,7 +73,7 @@ def _compare(got, reference_history, reference_model):
         # a single near-zero element may differ by a few 1e-6 in absolute terms.
         error = (got["weights"][name] - tensor).norm() / tensor.norm()
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
-    if got["validation"] is not None:  # validation with the final weights, on a batch not trained on
+    if got.get("validation") is not None:  # validation with the final weights, on a batch not trained on
         batch = make_batch(STEPS)
         with torch.no_grad():
             want_loss = reference_loss(reference_model, batch).item()

@@ -321,11 +321,13 @@ class DTensorPolicyWorker:
             return self._context_parallel_loss(loss_fn, mb, global_valid_tokens)
         if self.chunked_loss and loss_fn.computes_from_hidden_states:
             hidden_BTH = forward_hidden_states(self.model, mb)
-            if self.tensor_parallel and not isinstance(hidden_BTH, DTensor):
+            output_layer = self.model.get_output_embeddings()
+            if _is_tensor_parallel(output_layer.weight) and not isinstance(hidden_BTH, DTensor):
                 # The same on every rank of the group; the chunked loss feeds it to the
-                # column-parallel output layer as such (see algorithms/chunked_loss.py).
+                # column-parallel output layer as such (see algorithms/chunked_loss.py). A
+                # custom plan may leave the output layer out of TP: then it stays a tensor.
                 hidden_BTH = DTensor.from_local(hidden_BTH, self.mesh.tp, [Replicate()], run_check=False)
-            return loss_fn.from_hidden_states(hidden_BTH, self.model.get_output_embeddings(), mb, global_valid_tokens)
+            return loss_fn.from_hidden_states(hidden_BTH, output_layer, mb, global_valid_tokens)
         return loss_fn(forward_logits(self.model, mb), mb, global_valid_tokens)
 
     def _context_parallel_loss(self, loss_fn: LossFn, mb: BatchedDataDict, global_valid_tokens: torch.Tensor) -> LossResult:
@@ -498,3 +500,8 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _is_tensor_parallel(weight: torch.Tensor) -> bool:
+    """Split over the tensor-parallel mesh dimension (and not only sharded by FSDP)."""
+    return isinstance(weight, DTensor) and "tp" in (weight.device_mesh.mesh_dim_names or ())

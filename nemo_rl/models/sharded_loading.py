@@ -135,7 +135,7 @@ def load_hf_shards(
     `device` and fills this rank's shards from `model_name`'s safetensors. All ranks call it;
     it runs no collectives."""
     files = safetensors_files(model_name)
-    aliases = _tied_aliases(model)
+    aliases = shared_parameter_aliases(model)
     buffers = {name: buf for name, buf in model.named_buffers() if buf.device.type != "meta"}
     model.to_empty(device=device)
     for alias, source in aliases.items():  # to_empty makes a new parameter per module
@@ -194,7 +194,8 @@ def _stored_bytes(source: Any) -> int:
     return math.prod(source.get_shape()) * _ITEMSIZE.get(source.get_dtype(), 4)
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
+def shared_parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters registered under more than one name (tied weights)."""
     first_name: dict[int, str] = {}
     aliases: dict[str, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):

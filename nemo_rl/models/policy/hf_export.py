@@ -31,7 +31,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils.hub import convert_file_size_to_int
 
-from nemo_rl.models.sharded_loading import local_slice
+from nemo_rl.models.sharded_loading import local_slice, shared_parameter_aliases  # noqa: F401 (re-exported)
 
 
 def save_hf_checkpoint(
@@ -59,18 +59,6 @@ def save_hf_checkpoint(
     if generation_config is not None:
         skeleton.generation_config = generation_config
     skeleton.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
-
-
-def shared_parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """{alias: first name} for parameters registered under more than one name (tied weights)."""
-    first_name: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first_name:
-            aliases[name] = first_name[id(param)]
-        else:
-            first_name[id(param)] = name
-    return aliases
 
 
 # ---------------------------------------------------------------- written by all ranks at once

@@ -73,6 +73,7 @@ from nemo_rl.models.policy.interfaces import LossFn, LossResult
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
 from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
+from nemo_rl.models.policy.workers.rng_state import rng_state, set_rng_state
 from nemo_rl.utils.flops import device_peak_flops
 from nemo_rl.utils.hf_config import load_hf_config
 
@@ -393,7 +394,7 @@ class DTensorPolicyWorker:
             dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=optimizer_path)
             if self.rank == 0:
                 torch.save(self.scheduler.state_dict(), os.path.join(optimizer_path, SCHEDULER_FILE))
-            torch.save(_rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
+            torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         if hf_path is not None and self.lora_targets:
             self._save_lora(hf_path, hf_merged_path)
         elif hf_path is not None:
@@ -454,7 +455,7 @@ class DTensorPolicyWorker:
         self.scheduler.load_state_dict(torch.load(os.path.join(optimizer_path, SCHEDULER_FILE)))
         rng_file = os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank))
         if os.path.exists(rng_file):  # absent when resuming at a larger world size
-            _set_rng_state(torch.load(rng_file), self.device)
+            set_rng_state(torch.load(rng_file), self.device)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -487,19 +488,6 @@ def _full_tensor(value: Any) -> Any:
         # With cpu_offload the shards live on the CPU; NCCL gathers only device tensors.
         value = value.to(value.device_mesh.device_type).full_tensor()
     return value.cpu() if isinstance(value, torch.Tensor) else value
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _is_tensor_parallel(weight: torch.Tensor) -> bool:

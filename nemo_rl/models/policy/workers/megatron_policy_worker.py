@@ -41,6 +41,7 @@ from nemo_rl.models.parallelize import PRECISIONS
 from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
+from nemo_rl.models.policy.workers.rng_state import rng_state, set_rng_state
 from nemo_rl.utils.flops import device_peak_flops
 from nemo_rl.utils.hf_config import load_hf_config
 
@@ -317,7 +318,7 @@ class MegatronPolicyWorker:
                 with open(os.path.join(optimizer_path, LAYOUT_FILE), "w") as f:
                     json.dump(self._layout(), f)
             dist.barrier()
-            torch.save(_rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
+            torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         if hf_path is not None:
             dtype = PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)]
             hf_conversion.save_hf_model(self.bare_chunks, self.hf_config, hf_path, dtype=dtype)
@@ -366,7 +367,7 @@ class MegatronPolicyWorker:
         self.scheduler.load_state_dict(torch.load(os.path.join(optimizer_path, SCHEDULER_FILE)))
         rng_file = os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank))
         if os.path.exists(rng_file):  # absent when resuming at a larger world size
-            _set_rng_state(torch.load(rng_file), self.device)
+            set_rng_state(torch.load(rng_file), self.device)
 
     def _layout(self) -> dict[str, int]:
         mcfg = self.cfg.megatron_cfg
@@ -406,14 +407,3 @@ def _fusion_overrides(mcfg, have_te: bool) -> dict[str, bool]:
     return {key: True for key in asked if key != "moe_permute_fusion"}
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

@@ -70,17 +70,56 @@ class MegatronDDPConfig(_Section):
 
 
 class MegatronPeftConfig(_Section):
+    """LoRA on the Megatron linears (nemo_rl/models/megatron/lora.py); NeMo RL's keys and defaults.
+    target_modules empty: linear_qkv, linear_proj, linear_fc1, linear_fc2 of every layer, minus
+    exclude_modules."""
+
     enabled: bool = False
     target_modules: list[str] = Field(default_factory=list)
     exclude_modules: list[str] = Field(default_factory=list)
-    dim: int = Field(8, ge=1)
+    dim: int = Field(32, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    dropout_position: Literal["pre", "post"] = "post"
+    dropout_position: Literal["pre", "post"] = "pre"
     lora_A_init_method: str = "xavier"
     lora_B_init_method: str = "zero"
     a2a_experimental: bool = False
     lora_dtype: str | None = None
+
+    def problem(self, *, tensor_model_parallel_size: int, sequence_parallel: bool) -> tuple[str, str] | None:
+        """(key, reason) of the first value this build cannot serve, or None."""
+        if not self.enabled:
+            return None
+        checks = {
+            "lora_A_init_method": (
+                self.lora_A_init_method not in ("xavier", "uniform"),
+                f"{self.lora_A_init_method!r} is not one of 'xavier', 'uniform'",
+            ),
+            "lora_B_init_method": (
+                self.lora_B_init_method != "zero",
+                f"{self.lora_B_init_method!r}: only 'zero' (the adapted model starts equal to the base) is available",
+            ),
+            "a2a_experimental": (self.a2a_experimental, "the all-to-all adapter communication is for expert-parallel MoE layers; set it to false"),
+            "lora_dtype": (
+                self.lora_dtype is not None,
+                f"{self.lora_dtype!r}: the adapters take the base weights' dtype (policy.precision); set it to null",
+            ),
+            "target_modules": (
+                bool(self.target_modules and self.exclude_modules),
+                "give target_modules or exclude_modules, not both (exclude_modules applies when target_modules is empty)",
+            ),
+            "dropout": (
+                self.dropout > 0 and tensor_model_parallel_size > 1,
+                "LoRA dropout with tensor_model_parallel_size > 1 would draw different masks on the tensor-parallel "
+                "ranks for the activations they share; set dropout to 0 or use tensor_model_parallel_size 1",
+            ),
+        }
+        if sequence_parallel:
+            checks["enabled"] = (True, "LoRA with sequence_parallel=true is not available in this build; set sequence_parallel to false")
+        for key, (refused, reason) in checks.items():
+            if refused:
+                return key, reason
+        return None
 
 
 class MegatronFP8Config(_Section):
@@ -166,10 +205,6 @@ class MegatronConfig(BaseModel):
                 "Megatron's context parallelism needs Transformer Engine's attention (GPU); it is not available in this build; set it to 1",
             ),
             "fp8_cfg.enabled": (self.fp8_cfg.enabled, "FP8 training needs Transformer Engine on Hopper or newer GPUs; not available in this build"),
-            "peft.enabled": (
-                self.peft.enabled,
-                "LoRA on the Megatron backend is not available in this build; use the DTensor backend's policy.dtensor_cfg.lora_cfg",
-            ),
             "distributed_data_parallel_config.use_custom_fsdp": (
                 self.distributed_data_parallel_config.use_custom_fsdp,
                 "Megatron's own FSDP is not available in this build; use the distributed optimizer (optimizer.use_distributed_optimizer)",
@@ -186,6 +221,11 @@ class MegatronConfig(BaseModel):
         for key, (refused, reason) in refusals.items():
             if refused:
                 raise ValueError(f"policy.megatron_cfg.{key}: {reason}")
+        peft_problem = self.peft.problem(
+            tensor_model_parallel_size=self.tensor_model_parallel_size, sequence_parallel=self.sequence_parallel
+        )
+        if peft_problem:
+            raise ValueError(f"policy.megatron_cfg.peft.{peft_problem[0]}: {peft_problem[1]}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "policy.megatron_cfg.sequence_parallel=true needs tensor_model_parallel_size > 1; set it to false"

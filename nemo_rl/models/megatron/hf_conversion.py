@@ -37,6 +37,8 @@ from nemo_rl.models.megatron.model_builder import head_dim, padded_vocab_size
 
 # Megatron parameter names (relative to a model chunk, layer index global) -> HF names.
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# LoRA adapter factors (models/megatron/lora.py) live beside the linears they adapt.
+_LORA_ADAPTER_PARAM = re.compile(r"_lora\.lora_[AB]$")
 _LAYER_PARAMS = {
     "input_layernorm.weight": "input_layernorm",
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm",
@@ -318,6 +320,18 @@ def _gather_tp(shard: torch.Tensor) -> list[torch.Tensor]:
     return shards
 
 
+def gather_tensor_parallel_shards(shard: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor-parallel rank's `shard`, in rank order (collective over the TP group)."""
+    return _gather_tp(shard)
+
+
+def hf_tensors_from_tp_shards(name: str, shards: list[torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
+    """The HF tensors (HF names) computed from the tensor-parallel shards of the Megatron
+    parameter `name` (global layer index). Any tensor laid out like that parameter's rows or
+    columns works: LoRA's factors are split with it."""
+    return _hf_tensors_from(name, shards, _layout(hf_config, 0, len(shards)))
+
+
 def _hf_tensors_from(name: str, shards: list[torch.Tensor], lay: _Layout) -> dict[str, torch.Tensor]:
     """The full HF tensors computed by the tensor-parallel shards (rank order) of one Megatron parameter."""
     if name == "embedding.word_embeddings.weight":
@@ -367,6 +381,8 @@ def megatron_to_hf_state_dict(model_chunks: list, hf_config) -> dict[str, torch.
     stage_tensors: dict[str, torch.Tensor] = {}
     for chunk in model_chunks:
         for name, param in global_parameter_names(chunk).items():
+            if _LORA_ADAPTER_PARAM.search(name):  # not the base model's; models/megatron/lora.py exports them
+                continue
             shards = _gather_tp(param.detach())
             if lay.tp_rank == 0:
                 stage_tensors.update({k: v.cpu() for k, v in _hf_tensors_from(name, shards, lay).items()})

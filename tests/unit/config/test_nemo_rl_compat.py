@@ -87,8 +87,9 @@ def test_megatron_recipe_loads_with_its_layout_and_optimizer_keys():
 def test_megatron_recipe_keys_that_cannot_be_honoured_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"policy.megatron_cfg.expert_model_parallel_size: expert parallelism needs a mixture-of-experts"):
         _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "++policy.megatron_cfg.expert_model_parallel_size=2")
-    with pytest.raises(ConfigError, match=r"policy.megatron_cfg.peft.enabled: LoRA on the Megatron backend"):
-        _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "policy.megatron_cfg.peft.enabled=true")
+    assert _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "policy.megatron_cfg.peft.enabled=true").policy.megatron_cfg.peft.enabled
+    with pytest.raises(ConfigError, match=r"policy.megatron_cfg.peft.lora_dtype: 'bf16': the adapters take the base weights' dtype"):
+        _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "policy.megatron_cfg.peft.enabled=true", "policy.megatron_cfg.peft.lora_dtype=bf16")
     with pytest.raises(ConfigError, match=r"policy.optimizer must be null with policy.megatron_cfg.enabled=true"):
         _load("recipes/sft-llama3.1-8b-1n8g-megatron.yaml", "policy.optimizer={name: torch.optim.AdamW}")
 

@@ -140,6 +140,7 @@ class MegatronPolicyWorker:
         self.bare_chunks = [chunk]
         with torch.no_grad():
             hf_conversion.load_hf_weights_into(self.bare_chunks, policy_cfg.model_name, self.hf_config)
+        self.lora_targets = self._apply_lora(seed)
         if policy_cfg.precision != "float32":
             chunk = Float16Module(self.transformer_config, chunk)
         use_distributed_optimizer = mcfg.optimizer.use_distributed_optimizer
@@ -180,7 +181,8 @@ class MegatronPolicyWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
         for model in self.model_chunks:
             model.train()
-        counts = count_batch(batch, self.hf_config, device=self.device, dp_group=self.dp_group)
+        lora_params = self.parameter_counts["trainable"] if self.lora_targets else None
+        counts = count_batch(batch, self.hf_config, device=self.device, dp_group=self.dp_group, lora_params=lora_params)
         global_valid_tokens = counts.global_valid_tokens
 
         for model in self.model_chunks:
@@ -268,17 +270,17 @@ class MegatronPolicyWorker:
         from megatron.core import parallel_state as mpu
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        local = 0
+        local = [0, 0]  # total, trainable
         for chunk in self.bare_chunks:
             for name, p in chunk.named_parameters():
                 # A later stage's copy of the tied embedding is counted at the embedding only.
                 tied_copy = name == "output_layer.weight" and chunk.share_embeddings_and_output_weights
                 if not tied_copy and (param_is_not_tensor_parallel_duplicate(p) or mpu.get_tensor_model_parallel_rank() == 0):
-                    local += p.numel()
-        total = torch.tensor([local], dtype=torch.int64, device=self.device)
+                    local[0] += p.numel()
+                    local[1] += p.numel() if p.requires_grad else 0
+        total = torch.tensor(local, dtype=torch.int64, device=self.device)
         dist.all_reduce(total, group=mpu.get_model_parallel_group())
-        n = int(total.item())
-        return {"trainable": n, "total": n, "lora_modules": 0}
+        return {"trainable": int(total[1]), "total": int(total[0]), "lora_modules": len(self.lora_targets)}
 
     def get_parameter_counts(self) -> dict[str, int]:
         return dict(self.parameter_counts)
@@ -302,8 +304,8 @@ class MegatronPolicyWorker:
 
         from nemo_rl.models.megatron import hf_conversion
 
-        if hf_merged_path is not None:
-            raise ValueError("checkpointing.save_merged is for LoRA runs; the Megatron backend has no LoRA in this build")
+        if hf_merged_path is not None and not self.lora_targets:
+            raise ValueError("checkpointing.save_merged is for LoRA runs (policy.megatron_cfg.peft.enabled=true)")
         for path in (weights_path, optimizer_path):
             if path is not None:  # dist_checkpointing writes into an existing directory
                 os.makedirs(path, exist_ok=True)
@@ -319,13 +321,42 @@ class MegatronPolicyWorker:
                     json.dump(self._layout(), f)
             dist.barrier()
             torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
-        if hf_path is not None:
-            dtype = PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)]
+        dtype = PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)]
+        if hf_path is not None and self.lora_targets:
+            self._save_lora(hf_path, hf_merged_path, dtype)
+        elif hf_path is not None:
             hf_conversion.save_hf_model(self.bare_chunks, self.hf_config, hf_path, dtype=dtype)
         dist.barrier()
 
+    def _apply_lora(self, seed: int) -> list[str]:
+        """LoRA adapters on the loaded base (frozen), before DDP builds its gradient buffers."""
+        peft = self.cfg.megatron_cfg.peft
+        if not peft.enabled:
+            return []
+        from nemo_rl.models.megatron import lora
+
+        return lora.apply_lora(self.bare_chunks, peft, num_layers=self.hf_config.num_hidden_layers, seed=seed)
+
+    def _save_lora(self, hf_path: str, merged_path: str | None, dtype: torch.dtype) -> None:
+        """hf_path: the PEFT adapter directory (HF module names); merged_path: the base with the
+        adapter merged in, a full HF model directory."""
+        from nemo_rl.models.megatron import hf_conversion, lora
+
+        peft = self.cfg.megatron_cfg.peft
+        lora.save_adapter(self.bare_chunks, self.hf_config, hf_path, peft, base_model=self.cfg.model_name, targets=self.lora_targets)
+        if merged_path is not None:
+            with lora.merged_into_base(self.bare_chunks):
+                hf_conversion.save_hf_model(self.bare_chunks, self.hf_config, merged_path, dtype=dtype)
+
     def _model_sharded_state_dict(self) -> dict[str, Any]:
-        return self.bare_chunks[0].sharded_state_dict()
+        """What trains: the whole model, or a LoRA run's adapters only (the frozen base comes
+        from model_name again on resume, as on the DTensor backend)."""
+        state = self.bare_chunks[0].sharded_state_dict()
+        if self.lora_targets:
+            from nemo_rl.models.megatron.lora import is_adapter_key
+
+            state = {key: value for key, value in state.items() if is_adapter_key(key)}
+        return state
 
     def _ensure_optimizer_states(self) -> None:
         """Adam creates its states at the first step; a checkpoint before it needs them (zeros,
@@ -337,9 +368,13 @@ class MegatronPolicyWorker:
     def _load_weights(self, weights_path: str) -> None:
         from megatron.core import dist_checkpointing
 
+        from nemo_rl.models.megatron.lora import is_adapter_key
+
         with torch.no_grad():
             state = dist_checkpointing.load(self._model_sharded_state_dict(), weights_path)
-            self.bare_chunks[0].load_state_dict(state)
+            missing, unexpected = self.bare_chunks[0].load_state_dict(state, strict=not self.lora_targets)
+            if unexpected or any(is_adapter_key(key) for key in missing):
+                raise ValueError(f"{weights_path}: not this run's LoRA adapters (missing {missing[:4]}, unexpected {unexpected[:4]})")
         # The optimizer's fp32 master copies (mixed precision) follow the loaded weights.
         if hasattr(self.optimizer, "reload_model_params"):
             self.optimizer.reload_model_params()

@@ -430,7 +430,7 @@ def _save_checkpoint(run: SFTRun) -> Path:
 
 def _saves_merged(cfg: MasterConfig) -> bool:
     """A LoRA run with checkpointing.save_merged also writes hf_merged/ (hf/ holds the adapter)."""
-    return cfg.checkpointing.save_merged and cfg.policy.dtensor_cfg.lora_cfg.enabled
+    return cfg.checkpointing.save_merged and cfg.policy.lora_enabled()
 
 
 def _log_parameter_counts(counts: dict[str, int], lora_cfg: LoRAConfig, logger: Logger, *, first_run: bool) -> None:

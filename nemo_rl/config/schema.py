@@ -370,6 +370,12 @@ class PolicyConfig(Section):
         `data_parallel_size(n)`)."""
         return self.megatron_cfg if self.megatron_cfg.enabled else self.dtensor_cfg
 
+    def lora_enabled(self) -> bool:
+        """Whether the enabled backend trains LoRA adapters (dtensor_cfg.lora_cfg or megatron_cfg.peft)."""
+        if self.megatron_cfg.enabled:
+            return self.megatron_cfg.peft.enabled
+        return self.dtensor_cfg.lora_cfg.enabled
+
     def scheduler_entries(self) -> tuple[list[SchedulerEntry], list[int]]:
         """The scheduler list as (schedulers, milestones); ([], []) for a constant rate."""
         if self.scheduler is None:

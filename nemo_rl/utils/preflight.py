@@ -81,7 +81,7 @@ def preflight(cfg: MasterConfig, *, num_params: int | None = None) -> None:
         num_params,
         save_optimizer=ckpt.save_optimizer,
         optimizer_name=_optimizer_name(cfg.policy),
-        lora=cfg.policy.dtensor_cfg.lora_cfg.enabled,
+        lora=cfg.policy.lora_enabled(),
         save_merged=ckpt.save_merged,
     )
     check_free_space(Path(ckpt.checkpoint_dir), estimate, "checkpointing.checkpoint_dir")

@@ -225,7 +225,7 @@ def print_run_header(
     if cfg.data.validation is not None:
         data += f" (validation: {_describe_datasets(cfg.data.validation, 'split from train')})"
     workers = cluster.workers_per_node(device)
-    lora = " + LoRA" if policy.dtensor_cfg.lora_cfg.enabled else ""
+    lora = " + LoRA" if policy.lora_enabled() else ""
 
     rows: list[tuple[str, str]] = [
         ("model", f"{policy.model_name} ({policy.precision}{lora})"),

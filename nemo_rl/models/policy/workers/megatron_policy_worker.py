@@ -299,7 +299,8 @@ class MegatronPolicyWorker:
         """Sharded weights (and optimizer + schedule + RNG) with dist_checkpointing, and the
         Hugging Face directory at `hf_path` (written by rank 0) in `hf_dtype` (default: the
         training precision's compute dtype, float32 on CPU, as on the DTensor backend).
-        `hf_merged_path` is LoRA's, which this backend does not have."""
+        A LoRA run (models/megatron/lora.py) saves its adapters only, `hf_path` as a PEFT adapter
+        directory, and `hf_merged_path` as the base with the adapter merged in."""
         from megatron.core import dist_checkpointing
 
         from nemo_rl.models.megatron import hf_conversion

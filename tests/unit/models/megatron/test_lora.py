@@ -110,12 +110,18 @@ def _train_lora(rank, model_dir, out_dir, tp, pp, resume):
     from nemo_rl.models.policy.micro_batching import MicroBatchPlan
     from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
 
+    import faulthandler, sys, time
+    faulthandler.dump_traceback_later(700, exit=False)
+    t0 = time.time()
+    mark = lambda what: print(f"rank {rank} {time.time() - t0:.0f}s {what}", file=sys.stderr, flush=True)
     _allow_child_processes()
     config = _lora_policy_config(model_dir, tp=tp, pp=pp)
     worker = MegatronPolicyWorker(config, seed=1, device="cpu")
     dp_size = torch.distributed.get_world_size() // (tp * pp)
     result = {"counts": worker.get_parameter_counts(), "history": []}
+    mark("built")
     worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf0")
+    mark("hf0")
 
     def step(seed, w):
         local = make_batch(seed).shard_by_batch_size(dp_size)[w.data_parallel_rank()]
@@ -125,6 +131,7 @@ def _train_lora(rank, model_dir, out_dir, tp, pp, resume):
         if seed == NUM_STEPS - 1:
             worker.save_checkpoint(weights_path=f"{out_dir}/weights", optimizer_path=f"{out_dir}/optimizer")
         result["history"].append(step(seed, worker))
+        mark(f"step {seed}")
     worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf", hf_merged_path=f"{out_dir}/hf_merged")
     (chunk,) = worker.bare_chunks
     chunk.eval()
@@ -132,6 +139,7 @@ def _train_lora(rank, model_dir, out_dir, tp, pp, resume):
         result["logits"] = _forward_logits(chunk, sample_input_ids(128), 128)
     result["base_state"] = hf_conversion.megatron_to_hf_state_dict(worker.bare_chunks, worker.hf_config)
     worker.shutdown()
+    mark("exported")
     if resume:
         resumed = MegatronPolicyWorker(
             config, seed=1, device="cpu", weights_path=f"{out_dir}/weights", optimizer_path=f"{out_dir}/optimizer"
@@ -194,7 +202,7 @@ def test_lora_training_matches_plain_pytorch_and_exports_a_peft_adapter(model_di
     from transformers import AutoModelForCausalLM
 
     out = str(tmp_path)
-    results = run_ranks(tp * pp, _train_lora, model_dir, out, tp, pp, tp == 2)
+    results = run_ranks(tp * pp, _train_lora, model_dir, out, tp, pp, tp == 2, timeout_s=900)
     holder = next(r for r in results if r["logits"] is not None)  # last stage, TP rank 0
 
     # Training: the same losses and gradient norms as the plain-PyTorch adapter, every rank.

@@ -98,10 +98,9 @@ def _lora_policy_config(model_dir: str, *, tp: int = 1, pp: int = 1, **peft):
     return megatron_policy_config(model_dir, tp=tp, pp=pp, peft={**LORA, **peft})
 
 
-def _train_lora(rank, model_dir, out_dir, tp, pp, resume):
+def _train_lora(rank, model_dir, out_dir, tp, pp):
     """hf0/ (the initial adapter), NUM_STEPS steps with a checkpoint before the last one, hf/
-    and hf_merged/, the Megatron logits and base weights; with `resume`, the last step again
-    from the checkpoint."""
+    and hf_merged/; the Megatron logits and base weights."""
     from tests.unit.models.megatron.megatron_test_utils import _forward_logits, sample_input_ids
     from tests.unit.models.policy.test_megatron_policy_worker import _allow_child_processes
 
@@ -110,18 +109,12 @@ def _train_lora(rank, model_dir, out_dir, tp, pp, resume):
     from nemo_rl.models.policy.micro_batching import MicroBatchPlan
     from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
 
-    import faulthandler, sys, time
-    faulthandler.dump_traceback_later(700, exit=False)
-    t0 = time.time()
-    mark = lambda what: print(f"rank {rank} {time.time() - t0:.0f}s {what}", file=sys.stderr, flush=True)
     _allow_child_processes()
     config = _lora_policy_config(model_dir, tp=tp, pp=pp)
     worker = MegatronPolicyWorker(config, seed=1, device="cpu")
     dp_size = torch.distributed.get_world_size() // (tp * pp)
     result = {"counts": worker.get_parameter_counts(), "history": []}
-    mark("built")
     worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf0")
-    mark("hf0")
 
     def step(seed, w):
         local = make_batch(seed).shard_by_batch_size(dp_size)[w.data_parallel_rank()]
@@ -131,7 +124,6 @@ def _train_lora(rank, model_dir, out_dir, tp, pp, resume):
         if seed == NUM_STEPS - 1:
             worker.save_checkpoint(weights_path=f"{out_dir}/weights", optimizer_path=f"{out_dir}/optimizer")
         result["history"].append(step(seed, worker))
-        mark(f"step {seed}")
     worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf", hf_merged_path=f"{out_dir}/hf_merged")
     (chunk,) = worker.bare_chunks
     chunk.eval()
@@ -139,13 +131,21 @@ def _train_lora(rank, model_dir, out_dir, tp, pp, resume):
         result["logits"] = _forward_logits(chunk, sample_input_ids(128), 128)
     result["base_state"] = hf_conversion.megatron_to_hf_state_dict(worker.bare_chunks, worker.hf_config)
     worker.shutdown()
-    mark("exported")
-    if resume:
-        resumed = MegatronPolicyWorker(
-            config, seed=1, device="cpu", weights_path=f"{out_dir}/weights", optimizer_path=f"{out_dir}/optimizer"
-        )
-        result["resumed_last_step"] = step(NUM_STEPS - 1, resumed)
-        resumed.shutdown()
+    return result
+
+
+def _resume_last_step(rank, model_dir, out_dir, tp, pp):
+    """The last step of `_train_lora` again, from its checkpoint (adapters + optimizer)."""
+    from nemo_rl.algorithms.loss_functions import NLLLoss
+    from nemo_rl.models.policy.micro_batching import MicroBatchPlan
+    from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
+
+    config = _lora_policy_config(model_dir, tp=tp, pp=pp)
+    worker = MegatronPolicyWorker(config, seed=1, device="cpu", weights_path=f"{out_dir}/weights", optimizer_path=f"{out_dir}/optimizer")
+    dp_size = torch.distributed.get_world_size() // (tp * pp)
+    local = make_batch(NUM_STEPS - 1).shard_by_batch_size(dp_size)[worker.data_parallel_rank()]
+    result = worker.train(local, NLLLoss(), MicroBatchPlan(2))
+    worker.shutdown()
     return result
 
 
@@ -202,7 +202,7 @@ def test_lora_training_matches_plain_pytorch_and_exports_a_peft_adapter(model_di
     from transformers import AutoModelForCausalLM
 
     out = str(tmp_path)
-    results = run_ranks(tp * pp, _train_lora, model_dir, out, tp, pp, tp == 2, timeout_s=900)
+    results = run_ranks(tp * pp, _train_lora, model_dir, out, tp, pp, timeout_s=600)
     holder = next(r for r in results if r["logits"] is not None)  # last stage, TP rank 0
 
     # Training: the same losses and gradient norms as the plain-PyTorch adapter, every rank.
@@ -239,6 +239,7 @@ def test_lora_training_matches_plain_pytorch_and_exports_a_peft_adapter(model_di
 
     # Resumed from the checkpoint before the last step: that step again, bit for bit.
     if tp == 2:
-        for result in results:
-            last, resumed = result["history"][-1], result["resumed_last_step"]
+        resumed_results = run_ranks(tp * pp, _resume_last_step, model_dir, out, tp, pp, timeout_s=600)
+        for result, resumed in zip(results, resumed_results, strict=True):
+            last = result["history"][-1]
             assert (resumed["loss"], resumed["grad_norm"]) == (last["loss"], last["grad_norm"])

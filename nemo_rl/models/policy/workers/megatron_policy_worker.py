@@ -189,8 +189,9 @@ class MegatronPolicyWorker:
         reported = run_micro_batches(
             self.model_chunks,
             self._micro_batches(batch, plan),
-            _FullVocabulary(loss_fn, self.hf_config.vocab_size),
+            loss_fn,
             global_valid_tokens,
+            vocab_size=self.hf_config.vocab_size,
             device=self.device,
             forward_only=False,
         )
@@ -229,8 +230,9 @@ class MegatronPolicyWorker:
         reported = run_micro_batches(
             self.model_chunks,
             self._micro_batches(batch, plan),
-            _FullVocabulary(loss_fn, self.hf_config.vocab_size),
+            loss_fn,
             torch.ones((), device=self.device),
+            vocab_size=self.hf_config.vocab_size,
             device=self.device,
             forward_only=True,
         )
@@ -382,17 +384,6 @@ class MegatronPolicyWorker:
         destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-class _FullVocabulary:
-    """The algorithm's loss on the model's real vocabulary: Megatron pads the output layer to a
-    multiple of the tensor-parallel size, and the padding columns carry no probability."""
-
-    def __init__(self, loss_fn: LossFn, vocab_size: int):
-        self.loss_fn, self.vocab_size = loss_fn, vocab_size
-
-    def __call__(self, logits_BTV: torch.Tensor, mb: BatchedDataDict, global_valid_tokens: torch.Tensor):
-        return self.loss_fn(logits_BTV[..., : self.vocab_size], mb, global_valid_tokens)
 
 
 def _fusion_overrides(mcfg, have_te: bool) -> dict[str, bool]:

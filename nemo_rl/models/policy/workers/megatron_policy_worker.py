@@ -43,7 +43,7 @@ from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
 from nemo_rl.models.policy.workers.rng_state import rng_state, set_rng_state
 from nemo_rl.utils.flops import device_peak_flops
-from nemo_rl.utils.hf_config import load_hf_config
+from nemo_rl.utils.hf_config import load_generation_config, load_hf_config
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
 RNG_FILE = "rng_rank{rank}.pt"  # in optimizer_path, one per rank
@@ -107,6 +107,8 @@ class MegatronPolicyWorker:
         self.hf_config = load_hf_config(
             policy_cfg.model_name, trust_remote_code=policy_cfg.trust_remote_code, overrides=policy_cfg.hf_config_overrides
         )
+        # Written into hf/ at each save, as the DTensor backend does.
+        self.generation_config = load_generation_config(policy_cfg.model_name, self.hf_config)
         fusions = _fusion_overrides(mcfg, has_transformer_engine())
         self.transformer_config = model_builder.transformer_config_from_hf(
             self.hf_config,
@@ -323,7 +325,9 @@ class MegatronPolicyWorker:
             torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         if hf_path is not None:
             dtype = PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)]
-            hf_conversion.save_hf_model(self.bare_chunks, self.hf_config, hf_path, dtype=dtype)
+            hf_conversion.save_hf_model(
+                self.bare_chunks, self.hf_config, hf_path, dtype=dtype, generation_config=self.generation_config
+            )
         dist.barrier()
 
     def _model_sharded_state_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from tests.unit.models.policy.policy_test_utils import (
     reference_loss,
     save_tiny_llama,
 )
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
@@ -108,7 +108,12 @@ def _check_against_reference(histories, reference):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+    path = save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+    # Sampling settings of its own, which hf/ must carry over (not ones derived from config.json).
+    generation = GenerationConfig.from_pretrained(path)
+    generation.update(do_sample=True, temperature=0.7, top_p=0.9)
+    generation.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +142,13 @@ def test_two_rank_layouts_match_plain_pytorch(model_dir, reference, tp, pp, mega
 
 def test_tp2_pp2_on_four_ranks_matches_plain_pytorch(model_dir, reference):
     _check_against_reference(run_ranks(4, _train_layout, model_dir, 2, 2, 2, {}), reference)
+
+
+def test_dynamic_batching_over_data_parallel_ranks_matches_plain_pytorch(model_dir, reference):
+    """policy.dynamic_batching's micro-batches (rows sorted by length, padded to a multiple of 8,
+    at most 32 tokens each), of different shapes on the two data-parallel ranks."""
+    dynamic = MicroBatchPlan(1, length_multiple=8, token_budget=32)
+    _check_against_reference(run_ranks(2, _train_layout, model_dir, 1, 1, 1, {}, dynamic), reference)
 
 
 def test_sequence_packing_under_pipeline_parallelism_matches_plain_pytorch(model_dir, reference):
@@ -208,6 +220,9 @@ def test_checkpoint_resumes_bit_exact_reshards_to_tp1_and_exports_hf(model_dir, 
     hf_model = AutoModelForCausalLM.from_pretrained(f"{out_dir}/hf", dtype=torch.float32)
     with torch.no_grad():
         assert reference_loss(hf_model, make_batch(2)).item() == pytest.approx(step3["loss"], rel=1e-5)
+
+    # generation_config.json: the model's own, as the DTensor backend writes it.
+    assert GenerationConfig.from_pretrained(f"{out_dir}/hf").to_dict() == GenerationConfig.from_pretrained(model_dir).to_dict()
 
     # checkpointing.hf_dtype: the same weights, written in bfloat16.
     from safetensors.torch import load_file

@@ -25,7 +25,6 @@ from the Megatron weights (models/megatron/hf_conversion.py) at every save.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -47,10 +46,6 @@ from nemo_rl.utils.hf_config import load_generation_config, load_hf_config
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
 RNG_FILE = "rng_rank{rank}.pt"  # in optimizer_path, one per rank
-LAYOUT_FILE = "layout.json"  # in optimizer_path: the tensor / pipeline sizes it was saved with
-# The plain-PyTorch Adam path of the distributed optimizer saves and reloads its states in this
-# form, which also reshards over a different data-parallel size.
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 log = logging.getLogger(__name__)
 
 
@@ -304,7 +299,7 @@ class MegatronPolicyWorker:
         `hf_merged_path` is LoRA's, which this backend does not have."""
         from megatron.core import dist_checkpointing
 
-        from nemo_rl.models.megatron import hf_conversion
+        from nemo_rl.models.megatron import hf_conversion, optimizer_checkpoint
 
         if hf_merged_path is not None:
             raise ValueError("checkpointing.save_merged is for LoRA runs; the Megatron backend has no LoRA in this build")
@@ -315,12 +310,13 @@ class MegatronPolicyWorker:
             dist_checkpointing.save(self._model_sharded_state_dict(), weights_path)
         if optimizer_path is not None:
             self._ensure_optimizer_states()
-            state = self.optimizer.sharded_state_dict(self._model_sharded_state_dict(), metadata=OPTIMIZER_SHARDING)
+            state = self.optimizer.sharded_state_dict(
+                self._model_sharded_state_dict(), metadata=optimizer_checkpoint.sharding_metadata(optimizer_checkpoint.WRITTEN_FORM)
+            )
             dist_checkpointing.save({"optimizer": state}, optimizer_path)
             if self.rank == 0:
                 torch.save(self.scheduler.state_dict(), os.path.join(optimizer_path, SCHEDULER_FILE))
-                with open(os.path.join(optimizer_path, LAYOUT_FILE), "w") as f:
-                    json.dump(self._layout(), f)
+                optimizer_checkpoint.write_layout(optimizer_path, self._layout())
             dist.barrier()
             torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         if hf_path is not None:
@@ -353,23 +349,17 @@ class MegatronPolicyWorker:
     def _load_optimizer(self, optimizer_path: str) -> None:
         from megatron.core import dist_checkpointing
 
-        layout_file = os.path.join(optimizer_path, LAYOUT_FILE)
-        if os.path.exists(layout_file):
-            with open(layout_file) as f:
-                saved = json.load(f)
-            if saved != self._layout():
-                raise ValueError(
-                    f"{optimizer_path}: the optimizer state was saved with {saved} and this run has "
-                    f"{self._layout()}; the distributed optimizer's checkpoint reshards over data-parallel "
-                    "ranks only. Resume with the saved tensor / pipeline sizes (the weights alone load into any layout)"
-                )
+        from nemo_rl.models.megatron import optimizer_checkpoint
+
+        # Written in another tensor / pipeline layout, it reshards (or says why it cannot).
+        form = optimizer_checkpoint.form_to_read(optimizer_path, self._layout())
         self._ensure_optimizer_states()
         with torch.no_grad():
             template = self.optimizer.sharded_state_dict(
-                self._model_sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_SHARDING
+                self._model_sharded_state_dict(), is_loading=True, metadata=optimizer_checkpoint.sharding_metadata(form)
             )
             state = dist_checkpointing.load({"optimizer": template}, optimizer_path)
-            self.optimizer.load_state_dict(state["optimizer"])
+            optimizer_checkpoint.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(torch.load(os.path.join(optimizer_path, SCHEDULER_FILE)))
         rng_file = os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank))
         if os.path.exists(rng_file):  # absent when resuming at a larger world size

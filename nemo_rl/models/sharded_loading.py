@@ -29,9 +29,10 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from nemo_rl.models.lora import LoRALinear
+from nemo_rl.utils.hf_config import load_generation_config
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -80,10 +81,7 @@ def build_meta_model(
         )
     model.name_or_path = model_name
     model.config.name_or_path = model_name
-    try:
-        model.generation_config = GenerationConfig.from_pretrained(model_name)
-    except OSError:  # no generation_config.json: the model config's generation fields
-        model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.generation_config = load_generation_config(model_name, model.config)
     return model.eval()
 
 

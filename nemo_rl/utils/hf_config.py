@@ -25,6 +25,17 @@ def load_hf_config(model_name: str, *, trust_remote_code: bool = False, override
     return config
 
 
+def load_generation_config(model_name: str, config: Any) -> Any:
+    """`model_name`'s generation_config.json, or, where it has none, the generation fields of its
+    model config (as `from_pretrained` leaves `model.generation_config`)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_name)
+    except OSError:  # no generation_config.json
+        return GenerationConfig.from_model_config(config)
+
+
 def apply_config_overrides(config: Any, overrides: Mapping[str, Any], *, prefix: str) -> None:
     from transformers import PretrainedConfig
 

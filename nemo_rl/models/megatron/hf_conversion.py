@@ -400,9 +400,18 @@ def megatron_to_hf_state_dict(model_chunks: list, hf_config) -> dict[str, torch.
     return stage_tensors if lay.tp_rank == 0 else {}
 
 
-def save_hf_model(model_chunks: list, hf_config, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "5GB") -> None:
+def save_hf_model(
+    model_chunks: list,
+    hf_config,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str = "5GB",
+    generation_config=None,
+) -> None:
     """Write a Hugging Face model directory (config.json + safetensors shards, with an index when
-    there are several) that `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
+    there are several, and generation_config.json when `generation_config` is given) that
+    `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
 
     Collective, like `megatron_to_hf_state_dict`; one rank writes (tensor-parallel rank 0 of
     pipeline stage 0 of data-parallel replica 0); all return once the directory is complete.
@@ -413,6 +422,8 @@ def save_hf_model(model_chunks: list, hf_config, out_dir: str | os.PathLike, *, 
     writer = bool(state) and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     if writer:
         _write_hf_dir(state, hf_config, Path(out_dir), dtype, max_shard_size)
+        if generation_config is not None:
+            generation_config.save_pretrained(out_dir)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

@@ -25,7 +25,6 @@ from the Megatron weights (models/megatron/hf_conversion.py) at every save.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,14 +42,10 @@ from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
 from nemo_rl.models.policy.workers.rng_state import rng_state, set_rng_state
 from nemo_rl.utils.flops import device_peak_flops
-from nemo_rl.utils.hf_config import load_hf_config
+from nemo_rl.utils.hf_config import load_generation_config, load_hf_config
 
 SCHEDULER_FILE = "scheduler.pt"  # in optimizer_path, written by rank 0
 RNG_FILE = "rng_rank{rank}.pt"  # in optimizer_path, one per rank
-LAYOUT_FILE = "layout.json"  # in optimizer_path: the tensor / pipeline sizes it was saved with
-# The plain-PyTorch Adam path of the distributed optimizer saves and reloads its states in this
-# form, which also reshards over a different data-parallel size.
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 log = logging.getLogger(__name__)
 
 
@@ -107,6 +102,8 @@ class MegatronPolicyWorker:
         self.hf_config = load_hf_config(
             policy_cfg.model_name, trust_remote_code=policy_cfg.trust_remote_code, overrides=policy_cfg.hf_config_overrides
         )
+        # Written into hf/ at each save, as the DTensor backend does.
+        self.generation_config = load_generation_config(policy_cfg.model_name, self.hf_config)
         fusions = _fusion_overrides(mcfg, has_transformer_engine())
         self.transformer_config = model_builder.transformer_config_from_hf(
             self.hf_config,
@@ -191,8 +188,9 @@ class MegatronPolicyWorker:
         reported = run_micro_batches(
             self.model_chunks,
             self._micro_batches(batch, plan),
-            _FullVocabulary(loss_fn, self.hf_config.vocab_size),
+            loss_fn,
             global_valid_tokens,
+            vocab_size=self.hf_config.vocab_size,
             device=self.device,
             forward_only=False,
         )
@@ -231,8 +229,9 @@ class MegatronPolicyWorker:
         reported = run_micro_batches(
             self.model_chunks,
             self._micro_batches(batch, plan),
-            _FullVocabulary(loss_fn, self.hf_config.vocab_size),
+            loss_fn,
             torch.ones((), device=self.device),
+            vocab_size=self.hf_config.vocab_size,
             device=self.device,
             forward_only=True,
         )
@@ -303,7 +302,7 @@ class MegatronPolicyWorker:
         directory, and `hf_merged_path` as the base with the adapter merged in."""
         from megatron.core import dist_checkpointing
 
-        from nemo_rl.models.megatron import hf_conversion
+        from nemo_rl.models.megatron import hf_conversion, optimizer_checkpoint
 
         if hf_merged_path is not None and not self.lora_targets:
             raise ValueError("checkpointing.save_merged is for LoRA runs (policy.megatron_cfg.peft.enabled=true)")
@@ -314,19 +313,22 @@ class MegatronPolicyWorker:
             dist_checkpointing.save(self._model_sharded_state_dict(), weights_path)
         if optimizer_path is not None:
             self._ensure_optimizer_states()
-            state = self.optimizer.sharded_state_dict(self._model_sharded_state_dict(), metadata=OPTIMIZER_SHARDING)
+            state = self.optimizer.sharded_state_dict(
+                self._model_sharded_state_dict(), metadata=optimizer_checkpoint.sharding_metadata(optimizer_checkpoint.WRITTEN_FORM)
+            )
             dist_checkpointing.save({"optimizer": state}, optimizer_path)
             if self.rank == 0:
                 torch.save(self.scheduler.state_dict(), os.path.join(optimizer_path, SCHEDULER_FILE))
-                with open(os.path.join(optimizer_path, LAYOUT_FILE), "w") as f:
-                    json.dump(self._layout(), f)
+                optimizer_checkpoint.write_layout(optimizer_path, self._layout())
             dist.barrier()
             torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         dtype = PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)]
         if hf_path is not None and self.lora_targets:
             self._save_lora(hf_path, hf_merged_path, dtype)
         elif hf_path is not None:
-            hf_conversion.save_hf_model(self.bare_chunks, self.hf_config, hf_path, dtype=dtype)
+            hf_conversion.save_hf_model(
+                self.bare_chunks, self.hf_config, hf_path, dtype=dtype, generation_config=self.generation_config
+            )
         dist.barrier()
 
     def _apply_lora(self, seed: int) -> list[str]:
@@ -347,7 +349,9 @@ class MegatronPolicyWorker:
         lora.save_adapter(self.bare_chunks, self.hf_config, hf_path, peft, base_model=self.cfg.model_name, targets=self.lora_targets)
         if merged_path is not None:
             with lora.merged_into_base(self.bare_chunks):
-                hf_conversion.save_hf_model(self.bare_chunks, self.hf_config, merged_path, dtype=dtype)
+                hf_conversion.save_hf_model(
+                    self.bare_chunks, self.hf_config, merged_path, dtype=dtype, generation_config=self.generation_config
+                )
 
     def _model_sharded_state_dict(self) -> dict[str, Any]:
         """What trains: the whole model, or a LoRA run's adapters only (the frozen base comes
@@ -383,23 +387,17 @@ class MegatronPolicyWorker:
     def _load_optimizer(self, optimizer_path: str) -> None:
         from megatron.core import dist_checkpointing
 
-        layout_file = os.path.join(optimizer_path, LAYOUT_FILE)
-        if os.path.exists(layout_file):
-            with open(layout_file) as f:
-                saved = json.load(f)
-            if saved != self._layout():
-                raise ValueError(
-                    f"{optimizer_path}: the optimizer state was saved with {saved} and this run has "
-                    f"{self._layout()}; the distributed optimizer's checkpoint reshards over data-parallel "
-                    "ranks only. Resume with the saved tensor / pipeline sizes (the weights alone load into any layout)"
-                )
+        from nemo_rl.models.megatron import optimizer_checkpoint
+
+        # Written in another tensor / pipeline layout, it reshards (or says why it cannot).
+        form = optimizer_checkpoint.form_to_read(optimizer_path, self._layout())
         self._ensure_optimizer_states()
         with torch.no_grad():
             template = self.optimizer.sharded_state_dict(
-                self._model_sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_SHARDING
+                self._model_sharded_state_dict(), is_loading=True, metadata=optimizer_checkpoint.sharding_metadata(form)
             )
             state = dist_checkpointing.load({"optimizer": template}, optimizer_path)
-            self.optimizer.load_state_dict(state["optimizer"])
+            optimizer_checkpoint.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(torch.load(os.path.join(optimizer_path, SCHEDULER_FILE)))
         rng_file = os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank))
         if os.path.exists(rng_file):  # absent when resuming at a larger world size
@@ -418,17 +416,6 @@ class MegatronPolicyWorker:
         destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-class _FullVocabulary:
-    """The algorithm's loss on the model's real vocabulary: Megatron pads the output layer to a
-    multiple of the tensor-parallel size, and the padding columns carry no probability."""
-
-    def __init__(self, loss_fn: LossFn, vocab_size: int):
-        self.loss_fn, self.vocab_size = loss_fn, vocab_size
-
-    def __call__(self, logits_BTV: torch.Tensor, mb: BatchedDataDict, global_valid_tokens: torch.Tensor):
-        return self.loss_fn(logits_BTV[..., : self.vocab_size], mb, global_valid_tokens)
 
 
 def _fusion_overrides(mcfg, have_te: bool) -> dict[str, bool]:

@@ -20,7 +20,7 @@ from tests.unit.models.policy.policy_test_utils import (
     reference_loss,
     save_tiny_llama,
 )
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan
@@ -108,7 +108,12 @@ def _check_against_reference(histories, reference):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+    path = save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+    # Sampling settings of its own, which hf/ must carry over (not ones derived from config.json).
+    generation = GenerationConfig.from_pretrained(path)
+    generation.update(do_sample=True, temperature=0.7, top_p=0.9)
+    generation.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +144,13 @@ def test_tp2_pp2_on_four_ranks_matches_plain_pytorch(model_dir, reference):
     _check_against_reference(run_ranks(4, _train_layout, model_dir, 2, 2, 2, {}), reference)
 
 
+def test_dynamic_batching_over_data_parallel_ranks_matches_plain_pytorch(model_dir, reference):
+    """policy.dynamic_batching's micro-batches (rows sorted by length, padded to a multiple of 8,
+    at most 32 tokens each), of different shapes on the two data-parallel ranks."""
+    dynamic = MicroBatchPlan(1, length_multiple=8, token_budget=32)
+    _check_against_reference(run_ranks(2, _train_layout, model_dir, 1, 1, 1, {}, dynamic), reference)
+
+
 def test_sequence_packing_under_pipeline_parallelism_matches_plain_pytorch(model_dir, reference):
     """Packed rows of up to 32 tokens (several samples each, block-diagonal attention), of
     varying shapes through the pipeline stages."""
@@ -157,8 +169,27 @@ def _allow_child_processes():
     multiprocessing.current_process().daemon = False
 
 
+def _adam_moments(worker) -> dict[str, dict[str, torch.Tensor]]:
+    """{"exp_avg" | "exp_avg_sq": HF-named full tensors}, read back through the weight conversion
+    (on the first rank; {} elsewhere). With one data-parallel rank, each rank's distributed
+    optimizer holds the whole of its parameters' states."""
+    from nemo_rl.models.megatron import hf_conversion
+
+    inner = getattr(worker.optimizer, "chained_optimizers", [worker.optimizer])[0]
+    params = [p for chunk in worker.bare_chunks for p in chunk.parameters()]
+    weights = [p.data for p in params]
+    moments = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        for p in params:
+            p.data = inner._get_main_param_and_optimizer_states(p)[key].view(p.shape).clone()
+        moments[key] = hf_conversion.megatron_to_hf_state_dict(worker.bare_chunks, worker.hf_config)
+    for p, weight in zip(params, weights):
+        p.data = weight
+    return moments
+
+
 def _save_then_step(rank, model_dir, out_dir):
-    """TP 2: two steps, a checkpoint (weights, optimizer, hf/), the third step."""
+    """TP 2: two steps, a checkpoint (weights, optimizer, hf/), the third and fourth steps."""
     from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
 
     _allow_child_processes()
@@ -168,46 +199,61 @@ def _save_then_step(rank, model_dir, out_dir):
         weights_path=f"{out_dir}/weights", optimizer_path=f"{out_dir}/optimizer", hf_path=f"{out_dir}/hf"
     )
     worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf_bf16", hf_dtype="bfloat16")
-    history.append(worker.train(make_batch(2), NLLLoss(), MicroBatchPlan(2)))
+    moments = _adam_moments(worker)
+    history += [worker.train(make_batch(seed), NLLLoss(), MicroBatchPlan(2)) for seed in (2, 3)]
     worker.shutdown()
-    return history
+    return history, moments
 
 
-def _resume_and_step(rank, model_dir, out_dir, tp, with_optimizer):
+def _resume_and_step(rank, model_dir, out_dir, tp):
+    """Resumed from the checkpoint at TP `tp`: its Adam moments, then the third and fourth steps."""
     from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorker
 
+    _allow_child_processes()
     worker = MegatronPolicyWorker(
         megatron_policy_config(model_dir, tp=tp),
         seed=1,
         device="cpu",
         weights_path=f"{out_dir}/weights",
-        optimizer_path=f"{out_dir}/optimizer" if with_optimizer else None,
+        optimizer_path=f"{out_dir}/optimizer",
     )
-    result = worker.train(make_batch(2), NLLLoss(), MicroBatchPlan(2))
+    moments = _adam_moments(worker)
+    history = [worker.train(make_batch(seed), NLLLoss(), MicroBatchPlan(2)) for seed in (2, 3)]
     worker.shutdown()
-    return result
+    return history, moments
 
 
 def test_checkpoint_resumes_bit_exact_reshards_to_tp1_and_exports_hf(model_dir, reference, tmp_path):
     out_dir = str(tmp_path)
     uninterrupted = run_ranks(2, _save_then_step, model_dir, out_dir)
-    _check_against_reference(uninterrupted, reference)
-    step3 = uninterrupted[0][2]
+    _check_against_reference([history[:NUM_STEPS] for history, _ in uninterrupted], reference)
+    after_save, saved_moments = uninterrupted[0][0][2:], uninterrupted[0][1]
+    step3 = after_save[0]
 
-    # Same layout: the third step is bit-identical.
-    for resumed in run_ranks(2, _resume_and_step, model_dir, out_dir, 2, True):
-        assert (resumed["loss"], resumed["grad_norm"], resumed["lr"]) == (step3["loss"], step3["grad_norm"], step3["lr"])
-    # TP 2 -> TP 1: the weight shards are gathered into one rank's layout (step 3's loss and
-    # gradient depend on the weights only; the distributed optimizer's states reshard over
-    # data-parallel ranks only, and another layout is refused).
-    (resharded,) = run_ranks(1, _resume_and_step, model_dir, out_dir, 1, False)
-    assert resharded["loss"] == pytest.approx(step3["loss"], rel=1e-5)
-    assert resharded["grad_norm"] == pytest.approx(step3["grad_norm"], rel=1e-5)
+    # Same layout: the third and fourth steps (the fourth moves the weights with the restored
+    # Adam moments) are bit-identical.
+    for resumed, _ in run_ranks(2, _resume_and_step, model_dir, out_dir, 2):
+        for got, want in zip(resumed, after_save, strict=True):
+            assert (got["loss"], got["grad_norm"], got["lr"]) == (want["loss"], want["grad_norm"], want["lr"])
+    # TP 2 -> TP 1: weights and Adam moments resharded into one rank's layout; the run goes on
+    # as the uninterrupted one.
+    ((resumed, moments),) = run_ranks(1, _resume_and_step, model_dir, out_dir, 1)
+    for got, want in zip(resumed, after_save, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert got["lr"] == want["lr"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert moments[key].keys() == saved_moments[key].keys()
+        for name, tensor in moments[key].items():
+            assert torch.equal(tensor, saved_moments[key][name]), f"{key} {name}"
 
     # hf/ holds the weights after step 2: the HF model's loss on batch 2 is step 3's loss.
     hf_model = AutoModelForCausalLM.from_pretrained(f"{out_dir}/hf", dtype=torch.float32)
     with torch.no_grad():
         assert reference_loss(hf_model, make_batch(2)).item() == pytest.approx(step3["loss"], rel=1e-5)
+
+    # generation_config.json: the model's own, as the DTensor backend writes it.
+    assert GenerationConfig.from_pretrained(f"{out_dir}/hf").to_dict() == GenerationConfig.from_pretrained(model_dir).to_dict()
 
     # checkpointing.hf_dtype: the same weights, written in bfloat16.
     from safetensors.torch import load_file

@@ -13,6 +13,7 @@ import json
 import pytest
 
 from tests.functional.sft_runs import (
+    FINAL_SAVE_ONLY,
     TOTAL_STEPS,
     assert_same_weights,
     checkpoint_steps,
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, reference_run, resume_step):
     start = reference_run.ckpt_dir / f"step_{resume_step}"
     rc, output = run_to_end(
-        run_args(tmp_path, reference_run.data_dir, f"checkpointing.resume={start}"), tmp_path / "output.txt"
+        run_args(tmp_path, reference_run.data_dir, f"checkpointing.resume={start}", FINAL_SAVE_ONLY), tmp_path / "output.txt"
     )
     assert rc == 0, output[-4000:]
     assert "resumed from" in output and str(start) in output

@@ -34,7 +34,7 @@ def test_quickstart_trains_validates_checkpoints_and_resumes(tmp_path):
     overrides = (
         "sft.max_num_steps=6",
         "sft.val_period=3",
-        "sft.val_batches=2",
+        "sft.val_batches=1",  # 64 rows, at steps 0, 3 and 6: two batches would cost more than the training
         "checkpointing.save_period=2",
         "checkpointing.keep_top_k=1",
         f"checkpointing.checkpoint_dir={ckpt_dir}",
@@ -117,6 +117,7 @@ def test_lora_quickstart_with_packing_saves_an_adapter_and_a_merged_model(tmp_pa
     result = run_sft(
         "sft.max_num_steps=4",
         "sft.val_period=0",
+        "sft.val_at_start=false",  # the validation at the end runs LoRA with packing: once is enough
         "sft.val_batches=1",
         "policy.sequence_packing.enabled=true",
         f"checkpointing.checkpoint_dir={ckpt_dir}",
@@ -160,26 +161,27 @@ def test_megatron_quickstart_trains_checkpoints_exports_hf_and_resumes(tmp_path)
         f"checkpointing.checkpoint_dir={ckpt_dir}",
         f"logger.log_dir={log_dir}",
     )
-    result = run_sft("sft.max_num_steps=4", *overrides, config="sft_tiny_megatron.yaml", timeout=900)
+    # Two steps and one save show the training, the hf/ export and (below, one more step) the resume.
+    result = run_sft("sft.max_num_steps=2", *overrides, config="sft_tiny_megatron.yaml", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = read_jsonl(log_dir / "exp_001" / "metrics.jsonl")
     train_rows = [row for row in metrics if "train/loss" in row]
-    assert [row["step"] for row in train_rows] == [1, 2, 3, 4]
+    assert [row["step"] for row in train_rows] == [1, 2]
     assert all(row["train/num_valid_samples"] == 16 and row["train/grad_norm"] > 0 for row in train_rows)
     val_losses = {row["step"]: row["validation/val_loss"] for row in metrics if "validation/val_loss" in row}
-    assert sorted(val_losses) == [0, 2, 4] and val_losses[4] < val_losses[0], val_losses
+    assert sorted(val_losses) == [0, 2] and val_losses[2] < val_losses[0], val_losses
 
     # hf/ is converted from the Megatron weights at every save: a complete, trained HF model.
-    final = ckpt_dir / "step_4"
+    final = ckpt_dir / "step_2"
     model = AutoModelForCausalLM.from_pretrained(final / "hf")
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
     ids = AutoTokenizer.from_pretrained(final / "hf")("Where was Ada born?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, base(ids).logits)
 
-    # One more step resumes from step_4's dist_checkpointing shards.
-    again = run_sft("sft.max_num_steps=5", *overrides, config="sft_tiny_megatron.yaml", timeout=900)
+    # One more step resumes from step_2's dist_checkpointing shards.
+    again = run_sft("sft.max_num_steps=3", *overrides, config="sft_tiny_megatron.yaml", timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stdout
     resumed = [row for row in read_jsonl(log_dir / "exp_002" / "metrics.jsonl") if "train/loss" in row]
-    assert [row["step"] for row in resumed] == [5]
+    assert [row["step"] for row in resumed] == [3]

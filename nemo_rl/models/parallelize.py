@@ -278,6 +278,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
     """
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     plan = dict(plan)
     for pattern, style in list(plan.items()):
         targets = [m for name, m in model.named_modules() if _matches(pattern, name)]
@@ -288,6 +289,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
     parallelize_module(model, tp_mesh, plan)
     if tied:
         head.weight = embed.weight
+    # torch's SequenceParallel registers the norms' weights anew as parameters that require
+    # grad, whatever they were: under LoRA the frozen norms would otherwise train.
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     return model
 
 

@@ -101,3 +101,34 @@ def test_custom_parallel_plan_is_imported_by_dotted_path_or_refused_naming_the_k
         load_parallel_plan("no_such_module.PLAN", model, sequence_parallel=False)
     with pytest.raises(ValueError, match=r"custom_parallel_plan=.*TINY.*expected a dict of module-name patterns"):
         load_parallel_plan(f"{__name__}.TINY", model, sequence_parallel=False)
+
+
+def _trainable_after_sequence_parallel(rank: int) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nemo_rl.config.schema import LoRAConfig
+    from nemo_rl.models.lora import apply_lora
+    from nemo_rl.models.parallelize import apply_tensor_parallel
+
+    torch.distributed.init_process_group("gloo")
+    model = AutoModelForCausalLM.from_config(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **TINY))
+    apply_lora(model, LoRAConfig(enabled=True, dim=2, alpha=4, target_modules=["q_proj", "down_proj"]))
+    mesh = init_device_mesh("cpu", (1,))
+    apply_tensor_parallel(model, mesh, tensor_parallel_plan(model, sequence_parallel=True))
+    trainable = sorted(name for name, param in model.named_parameters() if param.requires_grad)
+    torch.distributed.destroy_process_group()
+    return trainable
+
+
+def test_frozen_weights_stay_frozen_under_sequence_parallelism():
+    """torch's SequenceParallel re-creates the norms' weights as trainable parameters; under LoRA
+    they must stay frozen, or the norms train too (the TP + SP + LoRA run would differ from one
+    process)."""
+    from tests.unit.distributed_helpers import run_ranks
+
+    (trainable,) = run_ranks(1, _trainable_after_sequence_parallel)
+    assert trainable == sorted(
+        f"model.layers.0.{module}.{adapter}.weight"
+        for module in ("self_attn.q_proj", "mlp.down_proj")
+        for adapter in ("lora_A", "lora_B")
+    )

@@ -173,12 +173,6 @@ class DTensorConfig(Section):
                 f"custom_parallel_plan={self.custom_parallel_plan!r} is a tensor-parallel "
                 "plan and needs tensor_parallel_size > 1; set it to null or raise tensor_parallel_size"
             )
-        if self.sequence_parallel and self.lora_cfg.enabled:
-            raise ValueError(
-                "sequence_parallel=true with lora_cfg.enabled=true: the adapters of "
-                "row-parallel layers are not sequence-parallel in this build; set sequence_parallel=false "
-                "(tensor parallelism with LoRA works without it)"
-            )
         if self.context_parallel_size > 1:
             self._check_context_parallel_keys()
         return self

@@ -41,7 +41,7 @@ from transformers import AutoConfig
 from nemo_rl.config import ConfigError
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.models.lora import LoRALinear
-from nemo_rl.models.tensor_parallel_styles import FUSED_PROJECTION_ENTRIES, FUSED_PROJECTION_REASON, PerHeadReplicated
+from nemo_rl.models.tensor_parallel_styles import PerHeadReplicated
 
 PRECISIONS: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -197,7 +197,31 @@ def check_parallel_layout(policy_cfg: PolicyConfig) -> None:
 
 
 # Transformers' plan vocabulary (`config.base_model_tp_plan`) that has a DTensor style here.
-_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel, "replicated_with_grad_allreduce": PerHeadReplicated}
+_DECLARED_KINDS = ("colwise", "rowwise", "colwise_gather_output", "rowwise_split_input", "replicated_with_grad_allreduce")
+
+
+def _declared_style(kind: str, *, sequence_parallel: bool) -> ParallelStyle:
+    """The DTensor style for one entry of transformers' plan.
+
+    "colwise_gather_output" / "rowwise_split_input" are Phi-3's fused projections (`qkv_proj`,
+    `gate_up_proj`) and the projections after them: the fused weight's rows are split as a plain
+    column-parallel weight's are, and its output is gathered back whole, in the checkpoint's
+    [q | k | v] (or [gate | up]) order, so the model's own slicing at global offsets stays right
+    and no stored weight is reordered. The next row-parallel projection takes that whole input and
+    uses its own slice. The cost (docs/parallelism.md): the attention and the MLP activation run
+    whole on every rank, and the fused outputs are all-gathered.
+    """
+    # Under sequence parallelism the row-parallel outputs are reduce-scattered along the sequence.
+    rowwise_output = dict(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else {}
+    if kind == "colwise":
+        return ColwiseParallel()
+    if kind == "colwise_gather_output":
+        return ColwiseParallel(output_layouts=Replicate())
+    if kind == "rowwise":
+        return RowwiseParallel(**rowwise_output)
+    if kind == "rowwise_split_input":
+        return RowwiseParallel(input_layouts=Replicate(), **rowwise_output)
+    return PerHeadReplicated()
 
 
 def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -205,8 +229,9 @@ def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[s
 
     The attention and MLP projections come from the plan the transformers config declares
     (`base_model_tp_plan`: Llama, Qwen2/3, Mistral, Gemma 2/3 declare colwise q/k/v/gate/up and
-    rowwise o/down; Qwen3 and Gemma 3 add per-head q/k norms, `PerHeadReplicated`); other
-    entries (Phi-3's fused projections) are refused, naming them and why.
+    rowwise o/down; Qwen3 and Gemma 3 add per-head q/k norms, `PerHeadReplicated`; Phi-3 declares
+    its fused projections with gathered outputs, `_declared_style`); other entries are refused,
+    naming them.
     Then the embedding is row-parallel (its vocabulary rows split), the output layer
     column-parallel with its logits left vocabulary-sharded (a DTensor, never gathered whole:
     the loss runs under `loss_parallel`), and with `sequence_parallel` the norms and residual
@@ -218,26 +243,18 @@ def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[s
             f"{type(model).__name__} declares no tensor-parallel plan (config.base_model_tp_plan); "
             "give one with policy.dtensor_cfg.custom_parallel_plan"
         )
-    fused = {k: v for k, v in declared.items() if v in FUSED_PROJECTION_ENTRIES}
-    if fused:
-        raise ValueError(
-            f"{type(model).__name__}: tensor-parallel plan entries {fused}: {FUSED_PROJECTION_REASON}; "
-            "give a plan with policy.dtensor_cfg.custom_parallel_plan or use tensor_parallel_size=1"
-        )
-    unsupported = {k: v for k, v in declared.items() if v not in _STYLES}
+    unsupported = {k: v for k, v in declared.items() if v not in _DECLARED_KINDS}
     if unsupported:
         raise ValueError(
             f"{type(model).__name__}: tensor-parallel plan entries {unsupported} have no DTensor style "
-            "here (fused projections or per-head norms); give a plan with "
+            f"here (known: {list(_DECLARED_KINDS)}); give a plan with "
             "policy.dtensor_cfg.custom_parallel_plan or use tensor_parallel_size=1"
         )
     base = model.base_model_prefix  # "model"
-    plan: dict[str, ParallelStyle] = {}
-    for pattern, kind in declared.items():
-        if kind == "rowwise" and sequence_parallel:
-            plan[f"{base}.{pattern}"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
-        else:
-            plan[f"{base}.{pattern}"] = _STYLES[kind]()
+    plan = {
+        f"{base}.{pattern}": _declared_style(kind, sequence_parallel=sequence_parallel)
+        for pattern, kind in declared.items()
+    }
     head = model.get_output_embeddings()
     head_name = next(name for name, module in model.named_modules() if module is head)
     embed_name = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
@@ -278,6 +295,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
     """
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     plan = dict(plan)
     for pattern, style in list(plan.items()):
         targets = [m for name, m in model.named_modules() if _matches(pattern, name)]
@@ -288,6 +306,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
     parallelize_module(model, tp_mesh, plan)
     if tied:
         head.weight = embed.weight
+    # torch's SequenceParallel registers the norms' weights anew as parameters that require
+    # grad, whatever they were: under LoRA the frozen norms would otherwise train.
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     return model
 
 
@@ -328,11 +351,15 @@ def _parallelize_lora_linear(module: LoRALinear, tp_mesh: DeviceMesh, style: Par
     wanted_output = style.output_layouts[0] if isinstance(style.output_layouts, tuple) else style.output_layouts
     use_local_output = style.use_local_output
 
+    # What a plain tensor input holds: the style's input layout (e.g. whole before Phi-3's
+    # row-parallel o_proj, "rowwise_split_input"), then taken to the layout the weight needs.
+    given_input = style.input_layouts[0]
+
     def prepare_input(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
         x = inputs[0]
         if not isinstance(x, DTensor):
-            x = DTensor.from_local(x, mesh, [input_placement], run_check=False)
-        elif x.placements != (input_placement,):
+            x = DTensor.from_local(x, mesh, [given_input], run_check=False)
+        if x.placements != (input_placement,):
             x = x.redistribute(placements=[input_placement])
         return (x, *inputs[1:])
 

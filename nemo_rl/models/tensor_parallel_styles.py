@@ -1,5 +1,5 @@
 """Tensor-parallel styles for plan entries that torch's `ColwiseParallel`/`RowwiseParallel` do
-not cover, and the reasons behind the entries we refuse.
+not cover.
 
 Shape legend: B batch, T time, h this rank's attention heads, D head dim.
 """
@@ -45,17 +45,3 @@ def _heads_sharded_input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> 
 
 def _local_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
     return output.to_local()
-
-
-# transformers' plan entries for fused projections. The fused weight's rows are [q | k | v]
-# (or [gate | up]); a plain column split gives rank 0 all of q and rank 1 k and v, and Phi-3's
-# attention then slices the local output at the *global* offsets
-# (config.num_attention_heads * head_dim). A per-rank [q_r | k_r | v_r] split needs the rows
-# stored in another order than the checkpoint's, which the HF export and the resharding of
-# checkpoints across layouts would then have to undo. Not offered: refused with this reason.
-FUSED_PROJECTION_ENTRIES = frozenset({"colwise_gather_output", "rowwise_split_input"})
-FUSED_PROJECTION_REASON = (
-    "fused projections (Phi-3's qkv_proj, gate_up_proj) cannot be split by plain column shards: "
-    "each rank would get whole q or k/v blocks instead of its own heads of each, and the model "
-    "slices the fused output at global offsets"
-)

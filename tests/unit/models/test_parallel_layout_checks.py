@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.unit.models.policy.policy_test_utils import policy_config, save_tiny_llama
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
@@ -66,9 +67,25 @@ def test_per_head_norms_are_replicated_over_the_group(config_class):
     assert isinstance(plan["model.layers.*.self_attn.q_proj"], ColwiseParallel)
 
 
-def test_fused_projections_are_refused_naming_the_entries_and_why():
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_fused_projections_gather_their_outputs_whole(sequence_parallel):
+    """Phi-3's qkv_proj / gate_up_proj: weight rows split, output gathered back to the fused
+    order; o_proj / down_proj take that whole input and split it themselves."""
     config = Phi3Config(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, pad_token_id=0, **TINY)
-    with pytest.raises(ValueError, match=r"plan entries .*qkv_proj.*colwise_gather_output.*global offsets.*custom_parallel_plan"):
+    plan = tensor_parallel_plan(_meta_model(config), sequence_parallel=sequence_parallel)
+    for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+        style = plan[f"model.layers.*.{fused}"]
+        assert isinstance(style, ColwiseParallel) and style.output_layouts == (Replicate(),), fused
+    for after in ("self_attn.o_proj", "mlp.down_proj"):
+        style = plan[f"model.layers.*.{after}"]
+        assert isinstance(style, RowwiseParallel) and style.input_layouts == (Replicate(),), after
+        assert style.output_layouts == ((Shard(1),) if sequence_parallel else (Replicate(),)), after
+
+
+def test_unknown_plan_entries_are_refused_naming_them():
+    config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **TINY)
+    config.base_model_tp_plan = {"layers.*.mlp.gate_proj": "packed_colwise"}
+    with pytest.raises(ValueError, match=r"plan entries .*gate_proj.*packed_colwise.*custom_parallel_plan"):
         tensor_parallel_plan(_meta_model(config), sequence_parallel=False)
 
 
@@ -101,3 +118,34 @@ def test_custom_parallel_plan_is_imported_by_dotted_path_or_refused_naming_the_k
         load_parallel_plan("no_such_module.PLAN", model, sequence_parallel=False)
     with pytest.raises(ValueError, match=r"custom_parallel_plan=.*TINY.*expected a dict of module-name patterns"):
         load_parallel_plan(f"{__name__}.TINY", model, sequence_parallel=False)
+
+
+def _trainable_after_sequence_parallel(rank: int) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nemo_rl.config.schema import LoRAConfig
+    from nemo_rl.models.lora import apply_lora
+    from nemo_rl.models.parallelize import apply_tensor_parallel
+
+    torch.distributed.init_process_group("gloo")
+    model = AutoModelForCausalLM.from_config(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **TINY))
+    apply_lora(model, LoRAConfig(enabled=True, dim=2, alpha=4, target_modules=["q_proj", "down_proj"]))
+    mesh = init_device_mesh("cpu", (1,))
+    apply_tensor_parallel(model, mesh, tensor_parallel_plan(model, sequence_parallel=True))
+    trainable = sorted(name for name, param in model.named_parameters() if param.requires_grad)
+    torch.distributed.destroy_process_group()
+    return trainable
+
+
+def test_frozen_weights_stay_frozen_under_sequence_parallelism():
+    """torch's SequenceParallel re-creates the norms' weights as trainable parameters; under LoRA
+    they must stay frozen, or the norms train too (the TP + SP + LoRA run would differ from one
+    process)."""
+    from tests.unit.distributed_helpers import run_ranks
+
+    (trainable,) = run_ranks(1, _trainable_after_sequence_parallel)
+    assert trainable == sorted(
+        f"model.layers.0.{module}.{adapter}.weight"
+        for module in ("self_attn.q_proj", "mlp.down_proj")
+        for adapter in ("lora_A", "lora_B")
+    )

@@ -2,7 +2,8 @@
 parallelism) exactly like one process: per-step losses, gradient norms and final weights of a
 2-step fp32 run equal the single-process reference (rel 1e-5). Tiny random models built from
 configs: Qwen3 and Gemma 3 (per-head q/k norms), Gemma 2 (extra norms, logit soft-capping),
-tied (Gemma 2) and untied heads."""
+Phi-3 (fused qkv_proj and gate_up_proj, outputs gathered whole), tied (Gemma 2, Phi-3) and
+untied heads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from tests.unit.distributed_helpers import run_ranks
 from tests.unit.models.policy.policy_test_utils import VOCAB, make_batch, reference_training
 from tests.unit.models.policy.test_parallel_layouts import STEPS, _compare, _train
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
 
 SHAPE = dict(
     vocab_size=VOCAB,
@@ -27,6 +28,7 @@ FAMILIES = {
     "qwen3_untied": lambda: Qwen3Config(tie_word_embeddings=False, **SHAPE),
     "gemma2_tied": lambda: Gemma2Config(tie_word_embeddings=True, attn_implementation="eager", **SHAPE),
     "gemma3_untied": lambda: Gemma3TextConfig(tie_word_embeddings=False, sliding_window=8, **SHAPE),
+    "phi3_tied": lambda: Phi3Config(tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, **SHAPE),
 }
 
 

@@ -57,7 +57,11 @@ def _train(rank, model_dir, dtensor_cfg, out_path, policy_overrides=None):
         torch.distributed.all_reduce(validation, group=worker.dp_group)
     weights = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     layer = worker.model.model.layers[0]
-    mesh_dims = {name: layer.get_submodule(name).weight.device_mesh.mesh_dim_names for name in ("self_attn.q_proj", "mlp.gate_proj")}
+    mesh_dims = {  # Llama's names (Phi-3 fuses these projections)
+        name: module.weight.device_mesh.mesh_dim_names
+        for name, module in layer.named_modules()
+        if name in ("self_attn.q_proj", "mlp.gate_proj")
+    }
     if rank == 0:
         torch.save({"steps": steps, "weights": weights, "mesh_dims": mesh_dims, "validation": validation}, out_path)
     worker.shutdown()
@@ -137,12 +141,14 @@ LORA = {"enabled": True, "dim": 4, "alpha": 8}
 
 
 @pytest.mark.slow
-def test_lora_under_tensor_parallelism_equals_one_process(reference, tmp_path):
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_lora_under_tensor_parallelism_equals_one_process(reference, sequence_parallel, tmp_path):
     """Every linear of the blocks adapted, column- and row-parallel; the reference is the same
-    LoRA run in one process (its adapter init is seeded, hence the same on every rank)."""
+    LoRA run in one process (its adapter init is seeded, hence the same on every rank). With
+    sequence parallelism the frozen norms (sequence-sharded) must stay frozen."""
     model_dir, _, _ = reference
     run_ranks(1, _train, model_dir, {"lora_cfg": LORA}, str(tmp_path / "one.pt"))
-    layout = {"tensor_parallel_size": 2, "lora_cfg": LORA}
+    layout = {"tensor_parallel_size": 2, "sequence_parallel": sequence_parallel, "lora_cfg": LORA}
     run_ranks(2, _train, model_dir, layout, str(tmp_path / "tp.pt"))
     got, want = torch.load(tmp_path / "tp.pt"), torch.load(tmp_path / "one.pt")
     assert any("lora_B" in name for name in want["weights"])

@@ -94,3 +94,16 @@ def test_default_chunks_bound_the_logits_held_at_once(monkeypatch):
     chunked_nll_sum(hidden, head, batch["input_ids"], target_mask(batch))
     assert max(rows_seen) == 3
     assert sum(rows_seen) == int((target_mask(batch) != 0).sum())
+
+
+@pytest.mark.parametrize("chunk_tokens, recomputed", [(1000, False), (3, True)])
+def test_the_output_layer_is_recomputed_only_when_there_are_several_chunks(chunk_tokens, recomputed):
+    """One chunk keeps its logits for backward (no second forward of the output layer);
+    several chunks recompute each one's in backward, so only one chunk's logits are held."""
+    batch, hidden, head = _case()
+    hidden.requires_grad_()
+    forwards = []
+    head.register_forward_hook(lambda module, args, out: forwards.append(out.shape[0]))
+    chunked_nll_sum(hidden, head, batch["input_ids"], target_mask(batch), chunk_tokens=chunk_tokens).backward()
+    num_targets = int((target_mask(batch) != 0).sum())
+    assert sum(forwards) == (2 if recomputed else 1) * num_targets

@@ -288,22 +288,23 @@ def _serve(conn, kind, preset, model_dir, options, batches, max_len) -> None:
             cursor += 1
         conn.send({"status": "ready"})
         while (request := conn.recv()) is not None:
-            seconds = tokens = flops = 0.0
+            seconds = cpu_seconds = tokens = flops = 0.0
             for _ in range(request):
                 batch = batches[cursor % len(batches)]
                 cursor += 1
                 _sync(preset["device"])
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 metrics = stepper.step(batch)
                 _sync(preset["device"])
                 seconds += time.perf_counter() - start
+                cpu_seconds += time.process_time() - cpu_start
                 tokens += metrics["num_tokens"]
                 if "flops" in metrics:
                     flops += metrics["flops"]
                 else:  # TRL reports the samples its own loader gave it
                     lengths = metrics.get("lengths") or batch["input_lengths"][batch["sample_mask"] > 0].tolist()
                     flops += training_flops(model_config, lengths, num_targets=metrics["num_valid_tokens"])
-            conn.send({"seconds": seconds, "tokens": tokens, "flops": flops, "loss": metrics.get("loss")})
+            conn.send({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens, "flops": flops, "loss": metrics.get("loss")})
         if hasattr(stepper, "close"):
             stepper.close()
         conn.send({"peak_mem_gb": _peak_memory_gb(preset["device"])})
@@ -388,9 +389,9 @@ def run_rounds(names: list[str], preset: dict, model_dir: str, batches, max_len:
 def build_report(records: dict[str, dict], device: str, datasheet_peak: float | None) -> list[dict]:
     """One row per configuration: median tokens/s and its spread, the per-round ratio to the
     reference and to the in-process worker, MFU against the peak of the same round."""
-    def per_round(name: str, key: str) -> list[float | None]:
+    def per_round(name: str, key: str, clock: str = "seconds") -> list[float | None]:
         rounds = records.get(name, {}).get("rounds", [])
-        return [m[key] / m["seconds"] for m in rounds]
+        return [m[key] / m[clock] for m in rounds]
 
     n_rounds = max((len(r["rounds"]) for r in records.values()), default=0)
     none = [None] * n_rounds
@@ -418,11 +419,22 @@ def build_report(records: dict[str, dict], device: str, datasheet_peak: float | 
         for key, denominators in (("vs_reference", reference), ("vs_in_process", in_process)):
             ratios = paired_ratios(tokens, denominators)
             row[key] = summarize(ratios) if ratios else None
+        if kind_runs_in_process(name) and records.get(REFERENCE, {}).get("rounds"):
+            # Tokens per second of this process's CPU time: what a loaded machine's neighbours
+            # disturb least (they take wall time, not the work a step needs).
+            ratios = paired_ratios(per_round(name, "tokens", "cpu_seconds"), per_round(REFERENCE, "tokens", "cpu_seconds"))
+            row["cpu_time_vs_reference"] = summarize(ratios) if ratios else None
         mfu = paired_ratios(per_round(name, "flops"), peak)
         row["mfu"] = summarize(mfu) if mfu else None
         row["final_loss"] = record["rounds"][-1].get("loss")
         rows.append(row)
     return rows
+
+
+def kind_runs_in_process(name: str) -> bool:
+    """The step's work all happens in the configuration's own process, so its CPU time is the
+    step's (not so for the Ray row, whose worker is another process)."""
+    return CONFIGS[name][0] in ("hand", "ours")
 
 
 def _cell(summary: dict | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
@@ -432,7 +444,10 @@ def _cell(summary: dict | None, fmt: str, scale: float = 1.0, unit: str = "") ->
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'configuration':<26} {'tokens/s':>14} {'vs hand, fused':>16} {'vs in-process':>15} {'MFU':>12} {'peak GiB':>9}"
+    header = (
+        f"{'configuration':<26} {'tokens/s':>14} {'vs hand, fused':>16} {'vs in-process':>15} {'MFU':>12} {'peak GiB':>9}"
+        f" {'CPU time vs hand':>17}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -445,8 +460,10 @@ def print_table(rows: list[dict]) -> None:
             print(
                 f"{r['name']:<26} {_cell(r['tokens_per_s'], '.0f'):>14} {_cell(r['vs_reference'], '.3f'):>16} "
                 f"{_cell(r['vs_in_process'], '.3f'):>15} {_cell(r['mfu'], '.1f', 100, '%'):>12} {mem:>9}"
+                f" {_cell(r.get('cpu_time_vs_reference'), '.3f'):>17}"
             )
-    print("(median over rounds; ±: half the spread, (max - min) / median / 2; ratios: medians of per-round ratios)")
+    print("(median over rounds; ±: half the spread, (max - min) / median / 2; ratios: medians of per-round ratios;")
+    print(" CPU time vs hand: tokens per second of the process's CPU time, over the reference's)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,7 +9,8 @@ tokens. Here:
      N is often a small fraction of B x T);
   2. the output layer and the fp32 cross-entropy run over C of them at a time, each chunk
      under activation checkpointing, so backward recomputes one chunk's logits at a time
-     instead of keeping all of them.
+     instead of keeping all of them (when all N fit in one chunk, its logits are kept:
+     nothing would be saved by recomputing them).
 Peak extra memory is one chunk's logits (C x V) instead of B x T x V. The per-token
 arithmetic is the plain loss's (same output layer, same fp32 cross-entropy), so the sum
 equals it up to summation order.
@@ -80,18 +81,18 @@ def chunked_nll_sum(
     if chunk_tokens is None:
         vocab = getattr(output_layer, "out_features", None) or output_layer.weight.shape[0]
         chunk_tokens = max(1, CHUNK_LOGIT_ELEMENTS // vocab)
+    # One chunk holds every target: its logits are the most backward will hold either way, so
+    # they are kept rather than recomputed (which would cost the output layer's forward again).
+    recompute = hidden_NH.shape[0] > chunk_tokens
     total = torch.zeros((), dtype=torch.float32, device=hidden_BTH.device)
     for start in range(0, hidden_NH.shape[0], chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
         hidden_CH = hidden_NH[chunk]
         if tp_mesh is not None:
             hidden_CH = DTensor.from_local(hidden_CH, tp_mesh, [Replicate()], run_check=False)
-        total = total + checkpoint(
-            _chunk_nll_sum,
-            output_layer,
-            hidden_CH,
-            targets_N[chunk],
-            weights_N[chunk],
-            use_reentrant=False,
-        )
+        arguments = (output_layer, hidden_CH, targets_N[chunk], weights_N[chunk])
+        if recompute:
+            total = total + checkpoint(_chunk_nll_sum, *arguments, use_reentrant=False)
+        else:
+            total = total + _chunk_nll_sum(*arguments)
     return total

@@ -4,7 +4,7 @@
     apply_tensor_parallel(model, mesh.tp, tensor_parallel_plan(model, ...))   # tp > 1
     apply_activation_checkpointing(model)      # optional
     apply_compile(model)                       # optional
-    apply_fsdp(model, mesh.fsdp, param_dtype=..., reduce_dtype=..., cpu_offload=...)
+    apply_fsdp(model, mesh.fsdp, param_dtype=..., reduce_dtype=..., cpu_offload=...)   # if fsdp_is_needed(...)
 
 Nothing here subclasses the model; each function changes it in place and returns it.
 """
@@ -119,6 +119,15 @@ def apply_fsdp(
             # Plain SUM collectives (no PREMUL_SUM), which every backend, gloo included, has.
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def fsdp_is_needed(world_size: int, *, param_dtype: torch.dtype, cpu_offload: bool) -> bool:
+    """Whether FSDP2 has work to do: shard over several ranks, cast the fp32 parameters to a
+    lower compute dtype, or offload them. A single rank in fp32 needs none of it, and FSDP would
+    still copy every parameter and gradient in and out around collectives of one rank (~170
+    copies a step on the benchmark's 4-layer model, docs/performance.md); such a worker trains
+    the plain module instead, with the same losses and interchangeable checkpoints."""
+    return world_size > 1 or param_dtype != torch.float32 or cpu_offload
 
 
 # ---------------------------------------------------------------- device mesh and tensor parallelism

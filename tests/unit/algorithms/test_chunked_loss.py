@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from nemo_rl.algorithms.chunked_loss import chunked_nll_sum
+from nemo_rl.algorithms.chunked_loss import _chunk_nll_sum, chunked_nll_sum
 from nemo_rl.algorithms.loss_functions import NLLLoss
 from nemo_rl.data.targets import count_valid_tokens, target_mask
 from nemo_rl.data.batched_data_dict import BatchedDataDict
@@ -94,3 +95,36 @@ def test_default_chunks_bound_the_logits_held_at_once(monkeypatch):
     chunked_nll_sum(hidden, head, batch["input_ids"], target_mask(batch))
     assert max(rows_seen) == 3
     assert sum(rows_seen) == int((target_mask(batch) != 0).sum())
+
+
+@pytest.mark.parametrize("chunk_tokens, recomputed", [(1000, False), (3, True)])
+def test_the_output_layer_is_recomputed_only_when_there_are_several_chunks(chunk_tokens, recomputed):
+    """One chunk keeps its logits for backward (no second forward of the output layer);
+    several chunks recompute each one's in backward, so only one chunk's logits are held."""
+    batch, hidden, head = _case()
+    hidden.requires_grad_()
+    forwards = []
+    head.register_forward_hook(lambda module, args, out: forwards.append(out.shape[0]))
+    chunked_nll_sum(hidden, head, batch["input_ids"], target_mask(batch), chunk_tokens=chunk_tokens).backward()
+    num_targets = int((target_mask(batch) != 0).sum())
+    assert sum(forwards) == (2 if recomputed else 1) * num_targets
+
+
+def test_keeping_the_logits_gives_the_recomputed_gradients_bit_for_bit():
+    """Why a single chunk may skip the recomputation without changing any result."""
+    batch, hidden, head = _case()
+    hidden.requires_grad_()
+    mask = target_mask(batch)
+
+    def nll_sum(recompute):
+        keep = mask != 0
+        arguments = (head, hidden[:, :-1][keep], batch["input_ids"][:, 1:][keep], mask[keep].to(torch.float32))
+        return checkpoint(_chunk_nll_sum, *arguments, use_reentrant=False) if recompute else _chunk_nll_sum(*arguments)
+
+    recomputed_loss = nll_sum(True)
+    recomputed = _grads(recomputed_loss, hidden, head)
+    kept_loss = nll_sum(False)
+    kept = _grads(kept_loss, hidden, head)
+    assert torch.equal(kept_loss, recomputed_loss)
+    for got, want in zip(kept, recomputed):
+        assert torch.equal(got, want)

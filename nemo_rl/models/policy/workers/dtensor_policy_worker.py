@@ -11,7 +11,8 @@ What one `train(batch, loss_fn, plan)` call does, for this rank's shard of the g
   2. per micro-batch of `plan` (models/policy/micro_batching.py): forward, the algorithm's
      `loss_fn` (models/policy/interfaces.py: its sum divided by the global valid tokens), backward;
      FSDP reduce-scatters each micro-batch's gradients with a SUM over ranks (see
-     `parallelize.apply_fsdp`), so the accumulated gradient is that of the global-mean loss;
+     `parallelize.apply_fsdp`), so the accumulated gradient is that of the global-mean loss
+     (a lone fp32 rank trains the plain module: `parallelize.fsdp_is_needed`);
   3. global gradient norm (over all shards), clip at `max_grad_norm`, optimizer and
      scheduler step, zero the gradients. A non-finite loss or gradient norm skips the
      optimizer step on every rank (`update_skipped` in the result).
@@ -57,6 +58,7 @@ from nemo_rl.models.parallelize import (
     apply_tensor_parallel,
     build_device_mesh,
     decoder_layers,
+    fsdp_is_needed,
     load_parallel_plan,
     tensor_parallel_plan,
     tensor_parallel_problem,
@@ -156,13 +158,17 @@ class DTensorPolicyWorker:
             model.get_output_embeddings().register_forward_hook(self._maybe_gather_logits)
         if policy_cfg.dtensor_cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        apply_fsdp(
-            model,
-            mesh.fsdp,
-            param_dtype=PRECISIONS[policy_cfg.precision],
-            reduce_dtype=torch.float32,
-            cpu_offload=policy_cfg.dtensor_cfg.cpu_offload,
+        self.fully_sharded = fsdp_is_needed(
+            self.world_size, param_dtype=PRECISIONS[policy_cfg.precision], cpu_offload=policy_cfg.dtensor_cfg.cpu_offload
         )
+        if self.fully_sharded:
+            apply_fsdp(
+                model,
+                mesh.fsdp,
+                param_dtype=PRECISIONS[policy_cfg.precision],
+                reduce_dtype=torch.float32,
+                cpu_offload=policy_cfg.dtensor_cfg.cpu_offload,
+            )
         self.load_report = load_hf_shards(
             model,
             policy_cfg.model_name,
@@ -199,9 +205,10 @@ class DTensorPolicyWorker:
                 "other (its attention ignores restarting position_ids); use policy.dynamic_batching"
             )
         self._gather_logits = False
-        # FSDP leaves the root's parameters gathered after a forward; the optimizer must see
-        # the sharded ones.
-        self.model.reshard()
+        if self.fully_sharded:
+            # FSDP leaves the root's parameters gathered after a forward; the optimizer must
+            # see the sharded ones.
+            self.model.reshard()
 
     # ------------------------------------------------------------------ train / eval
 

@@ -175,6 +175,12 @@ class DTensorConfig(Section):
             )
         if self.context_parallel_size > 1:
             self._check_context_parallel_keys()
+        if self.compile and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} with compile=true: torch.compile of the "
+                "tensor-parallel decoder layers fails in this build (torch 2.15's AOTAutograd recurses without "
+                "end tracing their DTensor backward; docs/parallelism.md); set compile to false"
+            )
         return self
 
     def _check_context_parallel_keys(self) -> None:

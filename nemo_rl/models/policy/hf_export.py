@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,7 @@ def save_hf_checkpoint_sharded(
     tied_keys: dict[str, str] | None = None,
     max_shard_size: str | int = "5GB",
     group: dist.ProcessGroup | None = None,
+    transform_slice: Callable[[str, torch.Tensor, tuple[int, ...]], torch.Tensor] | None = None,
 ) -> None:
     """Writes an HF model directory at `path` from every rank's shards, with no rank holding
     more than its own shards (plus one converted copy of a shard at a time).
@@ -99,6 +101,8 @@ def save_hf_checkpoint_sharded(
     rank 0 writes the headers and sizes the files, then each rank writes the bytes of its own
     slices (a replicated slice by one rank only), then rank 0 writes the index and configs.
     Written into `<path>.incomplete` and renamed at the end, so `path` is complete or absent.
+    `transform_slice(key, local slice, its global offset)`, if given, returns what to write in
+    the slice's place (same shape; e.g. a LoRA adapter merged in, nemo_rl/models/lora_merge.py).
     All ranks call it.
     """
     if dtype not in _SAFETENSORS_DTYPES:
@@ -127,6 +131,8 @@ def save_hf_checkpoint_sharded(
             if math.prod(shape) == 0:
                 continue
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if transform_slice is not None:
+                local = transform_slice(entry.key, local.detach(), offset)
             if entry.file not in handles:
                 handles[entry.file] = os.open(os.path.join(staging, entry.file), os.O_WRONLY)
             _write_slice(handles[entry.file], entry, offset, local.detach().to("cpu", dtype).contiguous())

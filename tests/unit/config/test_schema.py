@@ -91,6 +91,7 @@ def test_compile_is_off_and_the_chunked_loss_on_by_default():
         ({"context_parallel_size": 2, "dp_replicate_size": 2}, "context_parallel_size=2 with dp_replicate_size=2: HSDP"),
         ({"context_parallel_size": 2, "attn_implementation": "eager"}, "context_parallel_size=2 with attn_implementation='eager'"),
         ({"context_parallel_size": 2, "compile": True}, "context_parallel_size=2 with compile=true"),
+        ({"tensor_parallel_size": 2, "compile": True}, "tensor_parallel_size=2 with compile=true: .* set compile to false"),
     ],
 )
 def test_tensor_parallel_only_keys_need_tensor_parallelism(dtensor_cfg, refused):

@@ -49,7 +49,8 @@ from nemo_rl.models.context_parallel import (
     pad_one_position,
     shard_micro_batch,
 )
-from nemo_rl.models.lora import apply_lora, merge_lora_state_dict, parameter_counts, peft_target_modules, save_peft_adapter
+from nemo_rl.models.lora import apply_lora, is_lora_key, parameter_counts, peft_target_modules, save_peft_adapter
+from nemo_rl.models.lora_merge import lora_merge_slices
 from nemo_rl.models.parallelize import (
     PRECISIONS,
     apply_activation_checkpointing,
@@ -70,7 +71,7 @@ from nemo_rl.models.policy.forward import (
     output_layer_gives_logits,
     packed_attention_is_isolated,
 )
-from nemo_rl.models.policy.hf_export import save_hf_checkpoint, save_hf_checkpoint_sharded, shared_parameter_aliases
+from nemo_rl.models.policy.hf_export import save_hf_checkpoint_sharded, shared_parameter_aliases
 from nemo_rl.models.policy.interfaces import LossFn, LossResult
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.optim import build_optimizer, build_scheduler
@@ -403,18 +404,10 @@ class DTensorPolicyWorker:
                 torch.save(self.scheduler.state_dict(), os.path.join(optimizer_path, SCHEDULER_FILE))
             torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
         if hf_path is not None and self.lora_targets:
-            self._save_lora(hf_path, hf_merged_path)
+            self._save_lora(hf_path, hf_merged_path, hf_dtype)
         elif hf_path is not None:
             # Every rank writes its own slices into the files; nothing is gathered.
-            save_hf_checkpoint_sharded(
-                get_model_state_dict(self.model),
-                hf_path,
-                dtype=PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)],
-                config=self.model.config,
-                generation_config=self.model.generation_config,
-                trust_remote_code=self.cfg.trust_remote_code,
-                tied_keys=self.tied_keys,
-            )
+            self._save_hf_sharded(get_model_state_dict(self.model), hf_path, hf_dtype)
         dist.barrier()
 
     def _trainable_state_dict(self) -> dict[str, Any]:
@@ -423,27 +416,33 @@ class DTensorPolicyWorker:
         frozen = {name for name, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return {k: v for k, v in get_model_state_dict(self.model).items() if k not in frozen}
 
-    def _save_lora(self, hf_path: str, merged_path: str | None) -> None:
-        """All ranks gather (the adapter only, unless merging needs the base too); rank 0
-        writes the PEFT adapter directory and the merged model."""
-        if merged_path is None:
-            state_dict = {k: _full_tensor(v) for k, v in self._trainable_state_dict().items()}
-        else:
-            state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank != 0:
-            return
+    def _save_hf_sharded(self, state_dict: dict[str, Any], path: str, hf_dtype: str | None, **kwargs: Any) -> None:
+        """An HF model directory written by all ranks from their shards, in `hf_dtype` (default:
+        the training precision's compute dtype, float32 on CPU)."""
+        save_hf_checkpoint_sharded(
+            state_dict,
+            path,
+            dtype=PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)],
+            config=self.model.config,
+            generation_config=self.model.generation_config,
+            trust_remote_code=self.cfg.trust_remote_code,
+            tied_keys=self.tied_keys,
+            **kwargs,
+        )
+
+    def _save_lora(self, hf_path: str, merged_path: str | None, hf_dtype: str | None) -> None:
+        """Rank 0 writes the PEFT adapter directory (the adapter, small, is gathered on every
+        rank); all ranks write the merged model from their own base shards, each merging the
+        adapter into its slices (lora_merge.py), so the base is never gathered."""
         lora_cfg = self.cfg.dtensor_cfg.lora_cfg
-        target_modules = peft_target_modules(self.model, self.lora_targets)
-        save_peft_adapter(state_dict, hf_path, lora_cfg, base_model=self.cfg.model_name, target_modules=target_modules)
+        adapter = {k: _full_tensor(v) for k, v in self._trainable_state_dict().items()}
+        if self.rank == 0:
+            target_modules = peft_target_modules(self.model, self.lora_targets)
+            save_peft_adapter(adapter, hf_path, lora_cfg, base_model=self.cfg.model_name, target_modules=target_modules)
         if merged_path is not None:
-            save_hf_checkpoint(
-                merge_lora_state_dict(state_dict, lora_cfg),
-                merged_path,
-                config=self.model.config,
-                generation_config=self.model.generation_config,
-                trust_remote_code=self.cfg.trust_remote_code,
-                tied_keys=self.tied_keys,
-            )
+            base = {k: v for k, v in get_model_state_dict(self.model).items() if not is_lora_key(k)}
+            merge = lora_merge_slices(adapter, lora_cfg, base_keys=set(base))
+            self._save_hf_sharded(base, merged_path, hf_dtype, transform_slice=merge)
 
     def get_parameter_counts(self) -> dict[str, int]:
         """{"trainable", "total"} parameters of the whole (unsharded) model; "lora_modules"."""

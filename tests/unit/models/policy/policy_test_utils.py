@@ -96,15 +96,18 @@ def reference_loss(model: torch.nn.Module, batch: BatchedDataDict) -> torch.Tens
     no_loss = (batch["token_mask"] == 0) | (batch["sample_mask"][:, None] == 0)
     labels[no_loss] = -100
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
         labels[:, 1:].reshape(-1),
         ignore_index=-100,
     )
 
 
-def reference_training(model_dir: str, batches: list[BatchedDataDict]) -> tuple[list[dict], torch.nn.Module]:
-    """Single-process training with the same optimizer, clipping and lr sequence."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+def reference_training(
+    model_dir: str, batches: list[BatchedDataDict], dtype: torch.dtype = torch.float32
+) -> tuple[list[dict], torch.nn.Module]:
+    """Single-process training with the same optimizer, clipping and lr sequence (in float64,
+    a yardstick for how far float32 rounding alone moves a run)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=BASE_LR, weight_decay=0.01)
     history = []

@@ -85,6 +85,35 @@ def policy_config(model_dir: str, **overrides) -> PolicyConfig:
     return PolicyConfig(**fields)
 
 
+def train_step(worker, step: int) -> dict:
+    """The worker's data-parallel share of batch `step`, trained in micro-batches of 2."""
+    from nemo_rl.algorithms.loss_functions import NLLLoss
+    from nemo_rl.models.policy.micro_batching import MicroBatchPlan
+
+    local = make_batch(step).shard_by_batch_size(worker.dp_size)[worker.dp_rank]
+    return worker.train(local, NLLLoss(), MicroBatchPlan(2))
+
+
+def resume_and_step(model_dir: str, out_dir: str, **config_overrides) -> dict:
+    """A worker resumed from `out_dir`'s weights/ and optim/ trains step 1; its result, and the
+    logits of a fixed batch (a collective: every rank calls it)."""
+    import os
+
+    from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
+
+    worker = DTensorPolicyWorker(
+        policy_config(model_dir, **config_overrides),
+        seed=1,
+        device="cpu",
+        weights_path=os.path.join(out_dir, "weights"),
+        optimizer_path=os.path.join(out_dir, "optim"),
+    )
+    result = train_step(worker, 1)
+    logits = worker.get_logits(make_batch(9))
+    worker.shutdown()
+    return {"step": result, "logits": logits, "plain": not worker.fully_sharded}
+
+
 # ---------------------------------------------------------------- independent reference
 
 

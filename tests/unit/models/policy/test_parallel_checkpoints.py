@@ -9,31 +9,31 @@ import os
 import pytest
 import torch
 from tests.unit.distributed_helpers import run_ranks
-from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, reference_training, save_tiny_llama
+from tests.unit.models.policy.policy_test_utils import (
+    make_batch,
+    policy_config,
+    reference_training,
+    resume_and_step,
+    save_tiny_llama,
+    train_step,
+)
 from transformers import AutoModelForCausalLM
 
-from nemo_rl.algorithms.loss_functions import NLLLoss
-from nemo_rl.models.policy.micro_batching import MicroBatchPlan
 from nemo_rl.models.policy.workers.dtensor_policy_worker import DTensorPolicyWorker
 
 TP2 = {"tensor_parallel_size": 2}
 
 
-def _step(worker, step):
-    local = make_batch(step).shard_by_batch_size(worker.dp_size)[worker.dp_rank]
-    return worker.train(local, NLLLoss(), MicroBatchPlan(2))
-
-
 def _train_and_save(rank, model_dir, out_dir):
     """TP 2: step 1, save (resumable state and hf/), step 2: the uninterrupted run."""
     worker = DTensorPolicyWorker(policy_config(model_dir, dtensor_cfg=TP2), seed=1, device="cpu")
-    first = _step(worker, 0)
+    first = train_step(worker, 0)
     worker.save_checkpoint(
         weights_path=os.path.join(out_dir, "weights"),
         optimizer_path=os.path.join(out_dir, "optim"),
         hf_path=os.path.join(out_dir, "hf"),
     )
-    second = _step(worker, 1)
+    second = train_step(worker, 1)
     logits = worker.get_logits(make_batch(9))  # a collective: every rank calls it
     if rank == 0:
         torch.save({"steps": [first, second], "logits": logits}, os.path.join(out_dir, "uninterrupted.pt"))
@@ -41,18 +41,9 @@ def _train_and_save(rank, model_dir, out_dir):
 
 
 def _resume(rank, model_dir, out_dir, dtensor_cfg, name):
-    worker = DTensorPolicyWorker(
-        policy_config(model_dir, dtensor_cfg=dtensor_cfg),
-        seed=1,
-        device="cpu",
-        weights_path=os.path.join(out_dir, "weights"),
-        optimizer_path=os.path.join(out_dir, "optim"),
-    )
-    second = _step(worker, 1)
-    logits = worker.get_logits(make_batch(9))
+    resumed = resume_and_step(model_dir, out_dir, dtensor_cfg=dtensor_cfg)
     if rank == 0:
-        torch.save({"step": second, "logits": logits}, os.path.join(out_dir, f"{name}.pt"))
-    worker.shutdown()
+        torch.save({"step": resumed["step"], "logits": resumed["logits"]}, os.path.join(out_dir, f"{name}.pt"))
 
 
 @pytest.fixture(scope="module")

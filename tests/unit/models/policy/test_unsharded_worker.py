@@ -9,7 +9,13 @@ import os
 import pytest
 import torch
 from tests.unit.distributed_helpers import run_ranks
-from tests.unit.models.policy.policy_test_utils import make_batch, policy_config, save_tiny_llama
+from tests.unit.models.policy.policy_test_utils import (
+    make_batch,
+    policy_config,
+    resume_and_step,
+    save_tiny_llama,
+    train_step,
+)
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
@@ -24,18 +30,13 @@ NUM_STEPS = 3
 FEATURES = {"activation_checkpointing": True}
 
 
-def _step(worker, step, micro_batch_size=2):
-    local = make_batch(step).shard_by_batch_size(worker.dp_size)[worker.dp_rank]
-    return worker.train(local, NLLLoss(), MicroBatchPlan(micro_batch_size))
-
-
 def _one_rank_run(rank, model_dir, out_dir, force_fsdp):
     """Three steps, validation, greedy generation and an hf/ export on one rank."""
     if force_fsdp:  # FSDP2 on the one rank, as every world size had before
         dtensor_policy_worker.fsdp_is_needed = lambda *args, **kwargs: True
     worker = DTensorPolicyWorker(policy_config(model_dir, dtensor_cfg=FEATURES), seed=1, device="cpu")
     sharded = [isinstance(p, DTensor) for p in worker.model.parameters()]
-    steps = [_step(worker, step) for step in range(NUM_STEPS)]
+    steps = [train_step(worker, step) for step in range(NUM_STEPS)]
     validation = worker.validate(make_batch(7), NLLLoss(), MicroBatchPlan(3))
     generated = worker.generate_greedy(make_batch(8).slice(0, 2), max_new_tokens=4)
     hf_path = os.path.join(out_dir, "hf")
@@ -64,26 +65,16 @@ def test_plain_module_equals_fsdp_on_one_rank(tmp_path):
 def _train_save_step(rank, model_dir, out_dir):
     """Step 1, a resumable checkpoint, step 2: the uninterrupted run."""
     worker = DTensorPolicyWorker(policy_config(model_dir), seed=1, device="cpu")
-    _step(worker, 0)
+    train_step(worker, 0)
     worker.save_checkpoint(weights_path=os.path.join(out_dir, "weights"), optimizer_path=os.path.join(out_dir, "optim"))
-    second = _step(worker, 1)
+    second = train_step(worker, 1)
     logits = worker.get_logits(make_batch(9))
     worker.shutdown()
     return {"step": second, "logits": logits, "plain": worker.fully_sharded is False}
 
 
 def _resume_step(rank, model_dir, out_dir):
-    worker = DTensorPolicyWorker(
-        policy_config(model_dir),
-        seed=1,
-        device="cpu",
-        weights_path=os.path.join(out_dir, "weights"),
-        optimizer_path=os.path.join(out_dir, "optim"),
-    )
-    second = _step(worker, 1)
-    logits = worker.get_logits(make_batch(9))
-    worker.shutdown()
-    return {"step": second, "logits": logits, "plain": worker.fully_sharded is False}
+    return resume_and_step(model_dir, out_dir)
 
 
 @pytest.mark.slow

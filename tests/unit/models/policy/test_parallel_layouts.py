@@ -57,8 +57,8 @@ def _train(rank, model_dir, dtensor_cfg, out_path, policy_overrides=None):
         torch.distributed.all_reduce(validation, group=worker.dp_group)
     weights = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     layer = worker.model.model.layers[0]
-    mesh_dims = {  # Llama's names (Phi-3 fuses these projections)
-        name: module.weight.device_mesh.mesh_dim_names
+    mesh_dims = {  # Llama's names (Phi-3 fuses these projections); a lone fp32 rank has no mesh
+        name: getattr(getattr(module.weight, "device_mesh", None), "mesh_dim_names", ())
         for name, module in layer.named_modules()
         if name in ("self_attn.q_proj", "mlp.gate_proj")
     }

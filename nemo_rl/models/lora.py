@@ -5,7 +5,6 @@ Called on the loaded model before it is sharded:
     targets = apply_lora(model, lora_cfg)   # freezes every base weight, wraps the targets
     ...                                     # FSDP2, train: only lora_A / lora_B get gradients
     save_peft_adapter(adapter_state_dict, path, lora_cfg, base_model=..., target_modules=...)
-    merged_state_dict = merge_lora_state_dict(full_state_dict, lora_cfg)
 
 A targeted `nn.Linear` becomes a `LoRALinear` that keeps the linear's own weight and bias
 tensors under the same names, so the base keys of the state dict do not change; the adapter
@@ -361,25 +360,6 @@ def save_peft_adapter(
     os.makedirs(path, exist_ok=True)
     peft_config.save_pretrained(str(path))
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-
-
-def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], cfg: LoRAConfig) -> dict[str, torch.Tensor]:
-    """The base model's state dict with each adapter merged in: W + (alpha / dim) * B @ A
-    (computed in fp32, stored in W's dtype). Needs the full state dict, base weights included."""
-    merged = {key: value for key, value in state_dict.items() if not is_lora_key(key)}
-    scale = cfg.alpha / cfg.dim
-    for key in state_dict:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key[: -len(".lora_A.weight")]
-        weight_key = f"{module}.weight"
-        if weight_key not in merged:
-            raise KeyError(f"merge_lora_state_dict: {weight_key} (the base of {key}) is not in the state dict")
-        A_RI = state_dict[key].float()
-        B_OR = state_dict[f"{module}.lora_B.weight"].float()
-        W_OI = merged[weight_key]
-        merged[weight_key] = (W_OI.float() + scale * (B_OR @ A_RI)).to(W_OI.dtype)
-    return merged
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict | None:

@@ -50,6 +50,12 @@ PRECISIONS: dict[str, torch.dtype] = {
 }
 
 
+def hf_export_dtype(hf_dtype: str | None, device: torch.device, precision: str) -> torch.dtype:
+    """The dtype of an `hf/` export: `checkpointing.hf_dtype`, or by default the training
+    precision's compute dtype (float32 on CPU, which has no fast low precision)."""
+    return PRECISIONS[hf_dtype or ("float32" if device.type == "cpu" else precision)]
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, found by the class names HF lists in `_no_split_modules`."""
     block_names = set(getattr(model, "_no_split_modules", None) or ())

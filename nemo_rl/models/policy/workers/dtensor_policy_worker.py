@@ -60,6 +60,7 @@ from nemo_rl.models.parallelize import (
     build_device_mesh,
     decoder_layers,
     fsdp_is_needed,
+    hf_export_dtype,
     load_parallel_plan,
     tensor_parallel_plan,
     tensor_parallel_problem,
@@ -422,7 +423,7 @@ class DTensorPolicyWorker:
         save_hf_checkpoint_sharded(
             state_dict,
             path,
-            dtype=PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)],
+            dtype=hf_export_dtype(hf_dtype, self.device, self.cfg.precision),
             config=self.model.config,
             generation_config=self.model.generation_config,
             trust_remote_code=self.cfg.trust_remote_code,

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from nemo_rl.config.schema import PolicyConfig
 from nemo_rl.data.batched_data_dict import BatchedDataDict
 from nemo_rl.distributed.worker_env import init_torch_distributed
-from nemo_rl.models.parallelize import PRECISIONS
+from nemo_rl.models.parallelize import hf_export_dtype
 from nemo_rl.models.policy.interfaces import LossFn
 from nemo_rl.models.policy.micro_batching import MicroBatchPlan, micro_batches
 from nemo_rl.models.policy.workers.step_accounting import count_batch, max_over_ranks, step_metrics
@@ -322,7 +322,7 @@ class MegatronPolicyWorker:
                 optimizer_checkpoint.write_layout(optimizer_path, self._layout())
             dist.barrier()
             torch.save(rng_state(self.device), os.path.join(optimizer_path, RNG_FILE.format(rank=self.rank)))
-        dtype = PRECISIONS[hf_dtype or ("float32" if self.device.type == "cpu" else self.cfg.precision)]
+        dtype = hf_export_dtype(hf_dtype, self.device, self.cfg.precision)
         if hf_path is not None and self.lora_targets:
             self._save_lora(hf_path, hf_merged_path, dtype)
         elif hf_path is not None:

@@ -38,7 +38,7 @@ from nemo_rl.models.megatron.model_builder import head_dim, padded_vocab_size
 # Megatron parameter names (relative to a model chunk, layer index global) -> HF names.
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # LoRA adapter factors (models/megatron/lora.py) live beside the linears they adapt.
-_LORA_ADAPTER_PARAM = re.compile(r"_lora\.lora_[AB]$")
+LORA_ADAPTER_PARAM = re.compile(r"_lora\.lora_[AB]$")
 _LAYER_PARAMS = {
     "input_layernorm.weight": "input_layernorm",
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm",
@@ -309,7 +309,7 @@ def load_hf_weights_into(model_chunks: list, hf_model_dir_or_state: str | os.Pat
                 param.copy_(block)
 
 
-def _gather_tp(shard: torch.Tensor) -> list[torch.Tensor]:
+def gather_tensor_parallel_shards(shard: torch.Tensor) -> list[torch.Tensor]:
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
@@ -320,9 +320,6 @@ def _gather_tp(shard: torch.Tensor) -> list[torch.Tensor]:
     return shards
 
 
-def gather_tensor_parallel_shards(shard: torch.Tensor) -> list[torch.Tensor]:
-    """Every tensor-parallel rank's `shard`, in rank order (collective over the TP group)."""
-    return _gather_tp(shard)
 
 
 def hf_tensors_from_tp_shards(name: str, shards: list[torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
@@ -381,9 +378,9 @@ def megatron_to_hf_state_dict(model_chunks: list, hf_config) -> dict[str, torch.
     stage_tensors: dict[str, torch.Tensor] = {}
     for chunk in model_chunks:
         for name, param in global_parameter_names(chunk).items():
-            if _LORA_ADAPTER_PARAM.search(name):  # not the base model's; models/megatron/lora.py exports them
+            if LORA_ADAPTER_PARAM.search(name):  # not the base model's; models/megatron/lora.py exports them
                 continue
-            shards = _gather_tp(param.detach())
+            shards = gather_tensor_parallel_shards(param.detach())
             if lay.tp_rank == 0:
                 stage_tensors.update({k: v.cpu() for k, v in _hf_tensors_from(name, shards, lay).items()})
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:

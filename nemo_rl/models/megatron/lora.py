@@ -268,7 +268,7 @@ def apply_lora(model_chunks: list, cfg: MegatronPeftConfig, *, num_layers: int, 
 
 def is_adapter_key(key: str) -> bool:
     """A state-dict key (or parameter name) of an adapter factor."""
-    return re.search(rf"{ADAPTER_SUFFIX}\.lora_[AB]$", key) is not None
+    return hf_conversion.LORA_ADAPTER_PARAM.search(key) is not None
 
 
 def adapters(model_chunk) -> dict[str, ParallelLoRAAdapter]:

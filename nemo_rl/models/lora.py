@@ -54,7 +54,7 @@ CONFIG_KEY = "policy.dtensor_cfg.lora_cfg"
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # What NeMo AutoModel adapts when target_modules, exclude_modules and match_all_linear are all unset.
 AUTOMODEL_DEFAULT_TARGETS = ("*_proj",)
 
@@ -293,7 +293,7 @@ def describe_parameters(counts: dict[str, int], cfg: LoRAConfig) -> list[str]:
 
 
 def is_lora_key(key: str) -> bool:
-    return key.endswith(_LORA_SUFFIXES)
+    return key.endswith(LORA_SUFFIXES)
 
 
 # ---------------------------------------------------------------- PEFT export

@@ -21,8 +21,9 @@ from collections.abc import Callable
 import torch
 
 from nemo_rl.config.schema import LoRAConfig
+from nemo_rl.models.lora import LORA_SUFFIXES
 
-_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+_A_SUFFIX, _B_SUFFIX = LORA_SUFFIXES
 
 # (HF key, this rank's slice of the tensor, the slice's global offset) -> the slice to write
 SliceTransform = Callable[[str, torch.Tensor, tuple[int, ...]], torch.Tensor]

@@ -98,12 +98,12 @@ def save_hf_checkpoint_sharded(
             offset, shape = local_slice(tensor)
             if math.prod(shape) == 0:
                 continue
-            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            local = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
             if transform_slice is not None:
-                local = transform_slice(entry.key, local.detach(), offset)
+                local = transform_slice(entry.key, local, offset)
             if entry.file not in handles:
                 handles[entry.file] = os.open(os.path.join(staging, entry.file), os.O_WRONLY)
-            _write_slice(handles[entry.file], entry, offset, local.detach().to("cpu", dtype).contiguous())
+            _write_slice(handles[entry.file], entry, offset, local.to("cpu", dtype).contiguous())
         for fd in handles.values():
             os.fsync(fd)
     finally:

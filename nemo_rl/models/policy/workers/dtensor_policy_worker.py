@@ -411,11 +411,13 @@ class DTensorPolicyWorker:
             self._save_hf_sharded(get_model_state_dict(self.model), hf_path, hf_dtype)
         dist.barrier()
 
-    def _trainable_state_dict(self) -> dict[str, Any]:
-        """This rank's shards of what trains: the whole model, or a LoRA run's adapter only
-        (the frozen base, tied aliases included, comes from `model_name` again on resume)."""
+    def _trainable_state_dict(self, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This rank's shards of what trains (of `state_dict`, by default the model's): the whole
+        model, or a LoRA run's adapter only (the frozen base, tied aliases included, comes from
+        `model_name` again on resume)."""
         frozen = {name for name, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        return {k: v for k, v in get_model_state_dict(self.model).items() if k not in frozen}
+        state_dict = get_model_state_dict(self.model) if state_dict is None else state_dict
+        return {k: v for k, v in state_dict.items() if k not in frozen}
 
     def _save_hf_sharded(self, state_dict: dict[str, Any], path: str, hf_dtype: str | None, **kwargs: Any) -> None:
         """An HF model directory written by all ranks from their shards, in `hf_dtype` (default:
@@ -436,12 +438,13 @@ class DTensorPolicyWorker:
         rank); all ranks write the merged model from their own base shards, each merging the
         adapter into its slices (lora_merge.py), so the base is never gathered."""
         lora_cfg = self.cfg.dtensor_cfg.lora_cfg
-        adapter = {k: _full_tensor(v) for k, v in self._trainable_state_dict().items()}
+        state_dict = get_model_state_dict(self.model)
+        adapter = {k: _full_tensor(v) for k, v in self._trainable_state_dict(state_dict).items()}
         if self.rank == 0:
             target_modules = peft_target_modules(self.model, self.lora_targets)
             save_peft_adapter(adapter, hf_path, lora_cfg, base_model=self.cfg.model_name, target_modules=target_modules)
         if merged_path is not None:
-            base = {k: v for k, v in get_model_state_dict(self.model).items() if not is_lora_key(k)}
+            base = {k: v for k, v in state_dict.items() if not is_lora_key(k)}
             merge = lora_merge_slices(adapter, lora_cfg, base_keys=set(base))
             self._save_hf_sharded(base, merged_path, hf_dtype, transform_slice=merge)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
 
@@ -211,32 +212,30 @@ def check_parallel_layout(policy_cfg: PolicyConfig) -> None:
         raise ConfigError(f"{problem} (policy.model_name={policy_cfg.model_name})")
 
 
-# Transformers' plan vocabulary (`config.base_model_tp_plan`) that has a DTensor style here.
-_DECLARED_KINDS = ("colwise", "rowwise", "colwise_gather_output", "rowwise_split_input", "replicated_with_grad_allreduce")
+# Transformers' plan vocabulary (`config.base_model_tp_plan`) -> its DTensor style, given the
+# keyword arguments that make a row-parallel output sequence-sharded (empty without SP).
+#
+# "colwise_gather_output" / "rowwise_split_input" are Phi-3's fused projections (`qkv_proj`,
+# `gate_up_proj`) and the projections after them: the fused weight's rows are split as a plain
+# column-parallel weight's are, and its output is gathered back whole, in the checkpoint's
+# [q | k | v] (or [gate | up]) order, so the model's own slicing at global offsets stays right
+# and no stored weight is reordered. The next row-parallel projection takes that whole input and
+# uses its own slice. The cost (docs/parallelism.md): the attention and the MLP activation run
+# whole on every rank, and the fused outputs are all-gathered.
+_DECLARED_STYLES: dict[str, Callable[[dict[str, Any]], ParallelStyle]] = {
+    "colwise": lambda rowwise_output: ColwiseParallel(),
+    "rowwise": lambda rowwise_output: RowwiseParallel(**rowwise_output),
+    "colwise_gather_output": lambda rowwise_output: ColwiseParallel(output_layouts=Replicate()),
+    "rowwise_split_input": lambda rowwise_output: RowwiseParallel(input_layouts=Replicate(), **rowwise_output),
+    "replicated_with_grad_allreduce": lambda rowwise_output: PerHeadReplicated(),
+}
 
 
 def _declared_style(kind: str, *, sequence_parallel: bool) -> ParallelStyle:
-    """The DTensor style for one entry of transformers' plan.
-
-    "colwise_gather_output" / "rowwise_split_input" are Phi-3's fused projections (`qkv_proj`,
-    `gate_up_proj`) and the projections after them: the fused weight's rows are split as a plain
-    column-parallel weight's are, and its output is gathered back whole, in the checkpoint's
-    [q | k | v] (or [gate | up]) order, so the model's own slicing at global offsets stays right
-    and no stored weight is reordered. The next row-parallel projection takes that whole input and
-    uses its own slice. The cost (docs/parallelism.md): the attention and the MLP activation run
-    whole on every rank, and the fused outputs are all-gathered.
-    """
+    """The DTensor style for one entry of transformers' plan (`_DECLARED_STYLES`)."""
     # Under sequence parallelism the row-parallel outputs are reduce-scattered along the sequence.
     rowwise_output = dict(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else {}
-    if kind == "colwise":
-        return ColwiseParallel()
-    if kind == "colwise_gather_output":
-        return ColwiseParallel(output_layouts=Replicate())
-    if kind == "rowwise":
-        return RowwiseParallel(**rowwise_output)
-    if kind == "rowwise_split_input":
-        return RowwiseParallel(input_layouts=Replicate(), **rowwise_output)
-    return PerHeadReplicated()
+    return _DECLARED_STYLES[kind](rowwise_output)
 
 
 def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -258,11 +257,11 @@ def tensor_parallel_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[s
             f"{type(model).__name__} declares no tensor-parallel plan (config.base_model_tp_plan); "
             "give one with policy.dtensor_cfg.custom_parallel_plan"
         )
-    unsupported = {k: v for k, v in declared.items() if v not in _DECLARED_KINDS}
+    unsupported = {k: v for k, v in declared.items() if v not in _DECLARED_STYLES}
     if unsupported:
         raise ValueError(
             f"{type(model).__name__}: tensor-parallel plan entries {unsupported} have no DTensor style "
-            f"here (known: {list(_DECLARED_KINDS)}); give a plan with "
+            f"here (known: {list(_DECLARED_STYLES)}); give a plan with "
             "policy.dtensor_cfg.custom_parallel_plan or use tensor_parallel_size=1"
         )
     base = model.base_model_prefix  # "model"

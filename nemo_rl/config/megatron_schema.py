@@ -86,41 +86,6 @@ class MegatronPeftConfig(_Section):
     a2a_experimental: bool = False
     lora_dtype: str | None = None
 
-    def problem(self, *, tensor_model_parallel_size: int, sequence_parallel: bool) -> tuple[str, str] | None:
-        """(key, reason) of the first value this build cannot serve, or None."""
-        if not self.enabled:
-            return None
-        checks = {
-            "lora_A_init_method": (
-                self.lora_A_init_method not in ("xavier", "uniform"),
-                f"{self.lora_A_init_method!r} is not one of 'xavier', 'uniform'",
-            ),
-            "lora_B_init_method": (
-                self.lora_B_init_method != "zero",
-                f"{self.lora_B_init_method!r}: only 'zero' (the adapted model starts equal to the base) is available",
-            ),
-            "a2a_experimental": (self.a2a_experimental, "the all-to-all adapter communication is for expert-parallel MoE layers; set it to false"),
-            "lora_dtype": (
-                self.lora_dtype is not None,
-                f"{self.lora_dtype!r}: the adapters take the base weights' dtype (policy.precision); set it to null",
-            ),
-            "target_modules": (
-                bool(self.target_modules and self.exclude_modules),
-                "give target_modules or exclude_modules, not both (exclude_modules applies when target_modules is empty)",
-            ),
-            "dropout": (
-                self.dropout > 0 and tensor_model_parallel_size > 1,
-                "LoRA dropout with tensor_model_parallel_size > 1 would draw different masks on the tensor-parallel "
-                "ranks for the activations they share; set dropout to 0 or use tensor_model_parallel_size 1",
-            ),
-        }
-        if sequence_parallel:
-            checks["enabled"] = (True, "LoRA with sequence_parallel=true is not available in this build; set sequence_parallel to false")
-        for key, (refused, reason) in checks.items():
-            if refused:
-                return key, reason
-        return None
-
 
 class MegatronFP8Config(_Section):
     enabled: bool = False
@@ -191,6 +156,7 @@ class MegatronConfig(BaseModel):
             raise ValueError(
                 f"policy.megatron_cfg: unknown key(s) {self.extra_keys()}; known keys: {sorted(type(self).model_fields)}"
             )
+        peft, lora = self.peft, self.peft.enabled
         refusals = {
             "expert_model_parallel_size": (
                 self.expert_model_parallel_size > 1,
@@ -217,15 +183,40 @@ class MegatronConfig(BaseModel):
                 (self.virtual_pipeline_model_parallel_size or 1) > 1,
                 "interleaved (virtual) pipeline stages are not available in this build; set it to null",
             ),
+            # LoRA (peft): checked only when it is on.
+            "peft.lora_A_init_method": (
+                lora and peft.lora_A_init_method not in ("xavier", "uniform"),
+                f"{peft.lora_A_init_method!r} is not one of 'xavier', 'uniform'",
+            ),
+            "peft.lora_B_init_method": (
+                lora and peft.lora_B_init_method != "zero",
+                f"{peft.lora_B_init_method!r}: only 'zero' (the adapted model starts equal to the base) is available",
+            ),
+            "peft.a2a_experimental": (
+                lora and peft.a2a_experimental,
+                "the all-to-all adapter communication is for expert-parallel MoE layers; set it to false",
+            ),
+            "peft.lora_dtype": (
+                lora and peft.lora_dtype is not None,
+                f"{peft.lora_dtype!r}: the adapters take the base weights' dtype (policy.precision); set it to null",
+            ),
+            "peft.target_modules": (
+                lora and bool(peft.target_modules and peft.exclude_modules),
+                "give target_modules or exclude_modules, not both (exclude_modules applies when target_modules is empty)",
+            ),
+            "peft.dropout": (
+                lora and peft.dropout > 0 and self.tensor_model_parallel_size > 1,
+                "LoRA dropout with tensor_model_parallel_size > 1 would draw different masks on the tensor-parallel "
+                "ranks for the activations they share; set dropout to 0 or use tensor_model_parallel_size 1",
+            ),
+            "peft.enabled": (
+                lora and self.sequence_parallel,
+                "LoRA with sequence_parallel=true is not available in this build; set sequence_parallel to false",
+            ),
         }
         for key, (refused, reason) in refusals.items():
             if refused:
                 raise ValueError(f"policy.megatron_cfg.{key}: {reason}")
-        peft_problem = self.peft.problem(
-            tensor_model_parallel_size=self.tensor_model_parallel_size, sequence_parallel=self.sequence_parallel
-        )
-        if peft_problem:
-            raise ValueError(f"policy.megatron_cfg.peft.{peft_problem[0]}: {peft_problem[1]}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "policy.megatron_cfg.sequence_parallel=true needs tensor_model_parallel_size > 1; set it to false"

@@ -97,17 +97,13 @@ def select_targets(cfg: MegatronPeftConfig, num_layers: int) -> list[str]:
     """Global names of the linears to adapt (`decoder.layers.<L>.self_attention.linear_qkv`),
     in model order. Empty `target_modules`: all four linears of every layer, minus those matching
     an `exclude_modules` pattern. Patterns match as in nemo_rl/models/lora.py (the full name or
-    a dotted suffix; `*` wildcards).
+    a dotted suffix; `*` wildcards). Both lists at once are refused by the schema
+    (`MegatronConfig`); here `target_modules` wins.
 
     Raises:
-        ValueError: both lists given, a pattern that matches nothing, an HF name of a fused
-            projection without its partners, or nothing left to adapt.
+        ValueError: a pattern that matches nothing, an HF name of a fused projection without
+            its partners, or nothing left to adapt.
     """
-    if cfg.target_modules and cfg.exclude_modules:
-        raise ValueError(
-            f"{CONFIG_KEY}: target_modules={cfg.target_modules} and exclude_modules={cfg.exclude_modules}: "
-            "give one of them (exclude_modules applies when target_modules is empty), as in NeMo RL"
-        )
     candidates = [f"decoder.layers.{layer}.{path}" for layer in range(num_layers) for path in LINEAR_PATHS.values()]
     key = "target_modules" if cfg.target_modules else "exclude_modules"
     patterns = _megatron_patterns(cfg.target_modules or cfg.exclude_modules, key)

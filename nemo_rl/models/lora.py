@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -107,10 +108,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        if self.lora_A_init == "xavier":
-            nn.init.xavier_normal_(self.lora_A.weight)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        init_lora_A_(self.lora_A.weight, self.lora_A_init)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x_BTI: torch.Tensor) -> torch.Tensor:
@@ -127,6 +125,16 @@ class LoRALinear(nn.Module):
             f"bias={self.bias is not None}, dim={self.dim}, alpha={self.alpha}, "
             f"dropout_position={self.dropout_position!r}"
         )
+
+
+@torch.no_grad()
+def init_lora_A_(A_RI: torch.Tensor, method: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fills `A_RI` [R, I] in place, as both backends start their lora_A: "xavier" normal (std
+    sqrt(2 / (I + R))) or "uniform" (kaiming-uniform with a = sqrt(5): U(-1/sqrt(I), 1/sqrt(I)),
+    torch's own Linear init). `generator`: None draws from torch's global generator."""
+    if method == "xavier":
+        return nn.init.xavier_normal_(A_RI, generator=generator)
+    return nn.init.kaiming_uniform_(A_RI, a=math.sqrt(5), generator=generator)
 
 
 # ---------------------------------------------------------------- which modules
@@ -300,11 +308,17 @@ def is_lora_key(key: str) -> bool:
 
 
 def peft_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
-    """`target_modules` for adapter_config.json: the short name (`q_proj`) where every linear
-    layer of that name is targeted, else the full names of the targeted ones, so that PEFT
-    rebuilds exactly the adapted set."""
+    """`target_modules` for adapter_config.json of the linear layers `targets` of `model`
+    (`adapter_target_modules`)."""
+    return adapter_target_modules(linear_module_names(model), targets)
+
+
+def adapter_target_modules(candidates: list[str], targets: Iterable[str]) -> list[str]:
+    """`target_modules` for adapter_config.json: the short name (`q_proj`) where every candidate
+    module of that name is targeted, else the full names of the targeted ones (in `candidates`'
+    order), so that PEFT rebuilds exactly the adapted set. Sorted by short name."""
     by_short: dict[str, list[str]] = {}
-    for name in linear_module_names(model):
+    for name in candidates:
         by_short.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     targeted = set(targets)
     out: list[str] = []

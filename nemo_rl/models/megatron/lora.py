@@ -37,7 +37,6 @@ Shape legend: S sequence, B batch, I in_features, O out_features, R rank (`dim`)
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 
 from nemo_rl.config.megatron_schema import MegatronPeftConfig
 from nemo_rl.config.schema import LoRAConfig
-from nemo_rl.models.lora import pattern_matches, save_peft_adapter
+from nemo_rl.models.lora import adapter_target_modules, init_lora_A_, pattern_matches, save_peft_adapter
 from nemo_rl.models.megatron import hf_conversion
 
 CONFIG_KEY = "policy.megatron_cfg.peft"
@@ -93,6 +92,11 @@ def _megatron_patterns(patterns: list[str], key: str) -> list[str]:
     return out
 
 
+def adaptable_linears(num_layers: int) -> list[str]:
+    """Global names of every linear LoRA can adapt, in model order."""
+    return [f"decoder.layers.{layer}.{path}" for layer in range(num_layers) for path in LINEAR_PATHS.values()]
+
+
 def select_targets(cfg: MegatronPeftConfig, num_layers: int) -> list[str]:
     """Global names of the linears to adapt (`decoder.layers.<L>.self_attention.linear_qkv`),
     in model order. Empty `target_modules`: all four linears of every layer, minus those matching
@@ -104,7 +108,7 @@ def select_targets(cfg: MegatronPeftConfig, num_layers: int) -> list[str]:
         ValueError: a pattern that matches nothing, an HF name of a fused projection without
             its partners, or nothing left to adapt.
     """
-    candidates = [f"decoder.layers.{layer}.{path}" for layer in range(num_layers) for path in LINEAR_PATHS.values()]
+    candidates = adaptable_linears(num_layers)
     key = "target_modules" if cfg.target_modules else "exclude_modules"
     patterns = _megatron_patterns(cfg.target_modules or cfg.exclude_modules, key)
     for pattern in patterns:
@@ -147,7 +151,7 @@ class ParallelLoRAAdapter(torch.nn.Module):
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         out_local, in_local = base_weight_OI.shape
         in_full = in_local if column_parallel else in_local * tp_size
-        A_RI = _initial_lora_A(cfg.dim, in_full, cfg.lora_A_init_method, generator)
+        A_RI = init_lora_A_(torch.empty(cfg.dim, in_full), cfg.lora_A_init_method, generator)
         if not column_parallel:
             A_RI = A_RI[:, tp_rank * in_local : (tp_rank + 1) * in_local]
         factory = dict(device=base_weight_OI.device, dtype=base_weight_OI.dtype)
@@ -194,15 +198,6 @@ class ParallelLoRAAdapter(torch.nn.Module):
             singleton = (metadata or {}).get("singleton_local_shards", False)
             sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
         return sharded
-
-
-def _initial_lora_A(dim: int, in_features: int, method: str, generator: torch.Generator) -> torch.Tensor:
-    """xavier: normal, std sqrt(2 / (I + R)); uniform: U(-1/sqrt(I), 1/sqrt(I)) (torch's Linear
-    init, kaiming-uniform with a = sqrt(5)), as the DTensor backend's LoRA."""
-    if method == "xavier":
-        return torch.empty(dim, in_features).normal_(0.0, math.sqrt(2.0 / (in_features + dim)), generator=generator)
-    bound = 1.0 / math.sqrt(in_features)
-    return torch.empty(dim, in_features).uniform_(-bound, bound, generator=generator)
 
 
 def _normed_input(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -320,14 +315,12 @@ def peft_state_dict(model_chunks: list, hf_config) -> dict[str, torch.Tensor]:
 
 
 def peft_target_modules(targets: list[str], num_layers: int) -> list[str]:
-    """adapter_config.json's `target_modules`, as the DTensor backend writes it: an HF short name
-    where every layer's module of that name is adapted, else the full names."""
-    adapted = sorted({name for linear in targets for name in hf_conversion.hf_module_names(linear)})
-    out: list[str] = []
-    for short in sorted({name.rsplit(".", 1)[-1] for name in adapted}):
-        chosen = [name for name in adapted if name.rsplit(".", 1)[-1] == short]
-        out.extend([short] if len(chosen) == num_layers else chosen)
-    return out
+    """adapter_config.json's `target_modules` under HF module names, by the DTensor backend's
+    rule (`nemo_rl.models.lora.adapter_target_modules`) over the adaptable linears."""
+    def hf_names(linears: list[str]) -> list[str]:
+        return [name for linear in linears for name in hf_conversion.hf_module_names(linear)]
+
+    return adapter_target_modules(hf_names(adaptable_linears(num_layers)), hf_names(targets))
 
 
 def save_adapter(model_chunks: list, hf_config, path: str | os.PathLike, cfg: MegatronPeftConfig, *, base_model: str, targets: list[str]) -> None:

@@ -23,7 +23,9 @@ from transformers import AutoModelForCausalLM
 from nemo_rl.config.schema import LoRAConfig
 from nemo_rl.models.lora import (
     LoRALinear,
+    adapter_target_modules,
     apply_lora,
+    init_lora_A_,
     parameter_counts,
     pattern_matches,
     peft_target_modules,
@@ -268,6 +270,29 @@ def test_lora_A_init_distributions_and_zero_B():
     assert A.mean().abs().item() < 0.05 * std
     assert A.abs().max() > 3 * std
     assert (A.abs() <= std).float().mean().item() == pytest.approx(0.6827, abs=0.02)
+
+
+def test_lora_A_init_from_a_given_generator_draws_the_documented_distribution():
+    """The Megatron backend seeds each adapter's lora_A from its own generator: the same
+    draws as torch's normal_ / uniform_ with the documented std and bound."""
+    in_features, dim = 96, 4
+    xavier = init_lora_A_(torch.empty(dim, in_features), "xavier", torch.Generator().manual_seed(5))
+    want = torch.empty(dim, in_features).normal_(0.0, math.sqrt(2 / (in_features + dim)), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(xavier, want)
+    uniform = init_lora_A_(torch.empty(dim, in_features), "uniform", torch.Generator().manual_seed(5))
+    bound = 1 / math.sqrt(in_features)
+    want = torch.empty(dim, in_features).uniform_(-bound, bound, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(uniform, want, rtol=1e-6, atol=0)
+
+
+def test_adapter_config_names_a_short_name_only_where_every_module_of_it_is_adapted():
+    candidates = [f"model.layers.{layer}.self_attn.{p}_proj" for layer in range(3) for p in ("q", "o")]
+    targets = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.2.self_attn.q_proj"]
+    assert adapter_target_modules(candidates, targets) == ["q_proj"]
+    assert adapter_target_modules(candidates, [*targets, "model.layers.1.self_attn.o_proj"]) == [
+        "model.layers.1.self_attn.o_proj",
+        "q_proj",
+    ]
 
 
 def test_bias_is_kept_frozen_and_a_linear_without_bias_works():

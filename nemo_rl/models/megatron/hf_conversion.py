@@ -320,8 +320,6 @@ def gather_tensor_parallel_shards(shard: torch.Tensor) -> list[torch.Tensor]:
     return shards
 
 
-
-
 def hf_tensors_from_tp_shards(name: str, shards: list[torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
     """The HF tensors (HF names) computed from the tensor-parallel shards of the Megatron
     parameter `name` (global layer index). Any tensor laid out like that parameter's rows or
@@ -372,8 +370,6 @@ def megatron_to_hf_state_dict(model_chunks: list, hf_config) -> dict[str, torch.
     it is returned; every other rank gets `{}`. With tied embeddings there is no `lm_head.weight`,
     as in an HF checkpoint.
     """
-    from megatron.core import parallel_state
-
     lay = _layout(hf_config, *_tp_rank_and_size())
     stage_tensors: dict[str, torch.Tensor] = {}
     for chunk in model_chunks:
@@ -383,18 +379,26 @@ def megatron_to_hf_state_dict(model_chunks: list, hf_config) -> dict[str, torch.
             shards = gather_tensor_parallel_shards(param.detach())
             if lay.tp_rank == 0:
                 stage_tensors.update({k: v.cpu() for k, v in _hf_tensors_from(name, shards, lay).items()})
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        group = parallel_state.get_pipeline_model_parallel_group()
-        first_stage = torch.distributed.get_global_rank(group, 0)
-        gathered = [None] * parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.is_pipeline_first_stage() else None
-        if lay.tp_rank == 0:  # one pipeline group per tensor-parallel rank; rank 0's carries the tensors
-            torch.distributed.gather_object(stage_tensors, gathered, dst=first_stage, group=group)
-        else:
-            torch.distributed.gather_object({}, gathered, dst=first_stage, group=group)
-        if not parallel_state.is_pipeline_first_stage():
-            return {}
-        stage_tensors = {k: v for stage in gathered for k, v in stage.items()}
+    # One pipeline group per tensor-parallel rank; only rank 0's carries tensors.
+    stage_tensors = gather_pipeline_stages(stage_tensors)
     return stage_tensors if lay.tp_rank == 0 else {}
+
+
+def gather_pipeline_stages(stage_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every pipeline stage's `stage_tensors` (each stage its own keys) merged on the first
+    stage; `{}` on the others. Collective over this rank's pipeline-parallel group."""
+    from megatron.core import parallel_state
+
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    if stages == 1:
+        return stage_tensors
+    group = parallel_state.get_pipeline_model_parallel_group()
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    gathered = [None] * stages if first else None
+    torch.distributed.gather_object(stage_tensors, gathered, dst=torch.distributed.get_global_rank(group, 0), group=group)
+    if not first:
+        return {}
+    return {k: v for stage in gathered for k, v in stage.items()}
 
 
 def save_hf_model(

@@ -303,14 +303,7 @@ def peft_state_dict(model_chunks: list, hf_config) -> dict[str, torch.Tensor]:
                 module = weight_name.removesuffix(".weight")
                 stage[f"{module}.lora_A.weight"] = A.cpu()
                 stage[f"{module}.lora_B.weight"] = B_shards[0].cpu()
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        group = parallel_state.get_pipeline_model_parallel_group()
-        first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-        gathered = [None] * parallel_state.get_pipeline_model_parallel_world_size() if first else None
-        torch.distributed.gather_object(stage, gathered, dst=torch.distributed.get_global_rank(group, 0), group=group)
-        if not first:
-            return {}
-        stage = {k: v for part in gathered for k, v in part.items()}
+    stage = hf_conversion.gather_pipeline_stages(stage)
     return stage if tp_rank == 0 else {}
 
 

@@ -286,8 +286,12 @@ def peft_state_dict(model_chunks: list, hf_config) -> dict[str, torch.Tensor]:
     stage: dict[str, torch.Tensor] = {}
     for chunk in model_chunks:
         for linear, adapter in adapters(chunk).items():
-            A_shards = hf_conversion.gather_tensor_parallel_shards(adapter.lora_A.detach())
-            B_shards = hf_conversion.gather_tensor_parallel_shards(adapter.lora_B.detach())
+            # Only the factor split over the tensor-parallel ranks is gathered; the other is
+            # replicated, every rank holding all of it.
+            if adapter.column_parallel:
+                B_shards = hf_conversion.gather_tensor_parallel_shards(adapter.lora_B.detach())
+            else:
+                A_shards = hf_conversion.gather_tensor_parallel_shards(adapter.lora_A.detach())
             if tp_rank != 0:
                 continue
             if adapter.column_parallel:
@@ -296,13 +300,13 @@ def peft_state_dict(model_chunks: list, hf_config) -> dict[str, torch.Tensor]:
                 for weight_name, B in rows.items():
                     module = weight_name.removesuffix(".weight")
                     # Each projection its own copy: safetensors refuses tensors sharing memory.
-                    stage[f"{module}.lora_A.weight"] = A_shards[0].cpu().clone()
+                    stage[f"{module}.lora_A.weight"] = adapter.lora_A.detach().cpu().clone()
                     stage[f"{module}.lora_B.weight"] = B.cpu()
             else:
                 (weight_name, A), = hf_conversion.hf_tensors_from_tp_shards(f"{linear}.weight", A_shards, hf_config).items()
                 module = weight_name.removesuffix(".weight")
                 stage[f"{module}.lora_A.weight"] = A.cpu()
-                stage[f"{module}.lora_B.weight"] = B_shards[0].cpu()
+                stage[f"{module}.lora_B.weight"] = adapter.lora_B.detach().cpu()
     stage = hf_conversion.gather_pipeline_stages(stage)
     return stage if tp_rank == 0 else {}
 

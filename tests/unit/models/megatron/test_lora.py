@@ -113,8 +113,18 @@ def _train_lora(rank, model_dir, out_dir, tp, pp):
     config = _lora_policy_config(model_dir, tp=tp, pp=pp)
     worker = MegatronPolicyWorker(config, seed=1, device="cpu")
     dp_size = torch.distributed.get_world_size() // (tp * pp)
-    result = {"counts": worker.get_parameter_counts(), "history": []}
-    worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf0")
+    result = {"counts": worker.get_parameter_counts(), "history": [], "gathered_shapes": []}
+    gather = hf_conversion.gather_tensor_parallel_shards
+
+    def recording_gather(shard):  # what the adapter export sends over the tensor-parallel group
+        result["gathered_shapes"].append(tuple(shard.shape))
+        return gather(shard)
+
+    hf_conversion.gather_tensor_parallel_shards = recording_gather
+    try:
+        worker.save_checkpoint(weights_path=None, hf_path=f"{out_dir}/hf0")
+    finally:
+        hf_conversion.gather_tensor_parallel_shards = gather
 
     def step(seed, w):
         local = make_batch(seed).shard_by_batch_size(dp_size)[w.data_parallel_rank()]
@@ -215,6 +225,12 @@ def test_lora_training_matches_plain_pytorch_and_exports_a_peft_adapter(model_di
     # 2 layers x (qkv: A [4, 32], B [32 + 16 + 16, 4]; fc1: A [4, 32], B [2 x 64, 4]; proj: A [4, 32], B [32, 4]; fc2: A [4, 64], B [32, 4])
     assert results[0]["counts"]["trainable"] == 2 * (4 * 32 + 64 * 4 + 4 * 32 + 128 * 4 + 4 * 32 + 32 * 4 + 4 * 64 + 32 * 4)
     assert results[0]["counts"]["lora_modules"] == 8
+
+    if tp == 2:
+        # Only each adapter's split factor was gathered: lora_B of the column-parallel linears
+        # (qkv [64, 4], fc1 [128, 4]), lora_A of the row-parallel ones (proj [4, 32], fc2 [4, 64]).
+        for result in results:
+            assert sorted(result["gathered_shapes"]) == sorted(2 * [(32, 4), (64, 4), (4, 16), (4, 32)])
 
     # The base weights did not move.
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from nemo_rl.models.megatron.model_builder import head_dim, padded_vocab_size
+from nemo_rl.models.policy.hf_export import INDEX_FILE, save_model_files
 
 # Megatron parameter names (relative to a model chunk, layer index global) -> HF names.
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -166,7 +167,7 @@ class _HFTensors:
     def _index(model_dir: Path) -> dict[str, str]:
         from safetensors import safe_open
 
-        index = model_dir / "model.safetensors.index.json"
+        index = model_dir / INDEX_FILE
         if index.exists():
             return json.loads(index.read_text())["weight_map"]
         files = sorted(model_dir.glob("*.safetensors"))
@@ -422,16 +423,13 @@ def save_hf_model(
     state = megatron_to_hf_state_dict(model_chunks, hf_config)
     writer = bool(state) and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     if writer:
-        _write_hf_dir(state, hf_config, Path(out_dir), dtype, max_shard_size)
-        if generation_config is not None:
-            generation_config.save_pretrained(out_dir)
+        _write_safetensors(state, Path(out_dir), dtype, max_shard_size)
+        save_model_files(str(out_dir), config=hf_config, dtype=dtype, generation_config=generation_config, trust_remote_code=False)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def _write_hf_dir(state: dict[str, torch.Tensor], hf_config, out_dir: Path, dtype: torch.dtype, max_shard_size: str) -> None:
-    import copy
-
+def _write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype, max_shard_size: str) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -442,7 +440,4 @@ def _write_hf_dir(state: dict[str, torch.Tensor], hf_config, out_dir: Path, dtyp
         save_file({n: state[n] for n in names}, out_dir / file_name, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": split.tensor_to_filename}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = copy.deepcopy(hf_config)
-    config.dtype = dtype
-    config.save_pretrained(out_dir)
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -118,7 +118,7 @@ def save_hf_checkpoint_sharded(
             }
             with open(os.path.join(staging, INDEX_FILE), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
-        _save_model_files(staging, config=config, dtype=dtype, generation_config=generation_config, trust_remote_code=trust_remote_code)
+        save_model_files(staging, config=config, dtype=dtype, generation_config=generation_config, trust_remote_code=trust_remote_code)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(staging, path)
@@ -196,7 +196,7 @@ def _write_slice(fd: int, entry: _Entry, offset: tuple[int, ...], local: torch.T
         os.pwrite(fd, runs[row], entry.start + element * itemsize)
 
 
-def _save_model_files(
+def save_model_files(
     path: str, *, config: PretrainedConfig, dtype: torch.dtype, generation_config: GenerationConfig | None, trust_remote_code: bool
 ) -> None:
     """config.json (its dtype set to the exported one), generation_config.json and a

@@ -74,7 +74,8 @@ def finalize_grads_without_token_scaling(model_chunks: list, num_tokens: Any = N
 
 class VocabularyLogits:
     """This rank's output-layer slice of the logits as what the `LossFn` reads: the model's
-    vocabulary, whole at TP 1, vocabulary-sharded (`DTensor`, never gathered) above."""
+    vocabulary, whole at TP 1, vocabulary-sharded (`DTensor`, never gathered) above.
+    Built once per worker, after the model-parallel groups exist."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
@@ -117,15 +118,15 @@ def run_micro_batches(
     loss_fn: LossFn,
     global_valid_tokens: torch.Tensor,
     *,
-    vocab_size: int,
+    vocabulary: VocabularyLogits,
     device: torch.device,
     forward_only: bool,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward (and, unless `forward_only`, backward) of every micro-batch through the
-    pipeline, `loss_fn` seeing the first `vocab_size` columns of the logits (padding cut off);
-    the per-micro-batch {"loss", "num_valid_tokens"} on the last pipeline stage, [] on the others."""
+    pipeline, `loss_fn` seeing the logits of the model's vocabulary (padding cut off or masked,
+    `vocabulary`); the per-micro-batch {"loss", "num_valid_tokens"} on the last pipeline stage,
+    [] on the others."""
     batches = iter([mb.to(device) for mb in micro_batches])
-    vocabulary = VocabularyLogits(vocab_size, device)
 
     def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)

@@ -73,7 +73,7 @@ class MegatronPolicyWorker:
             ddp_config,
             has_transformer_engine,
         )
-        from nemo_rl.models.megatron.training_step import finalize_grads_without_token_scaling
+        from nemo_rl.models.megatron.training_step import VocabularyLogits, finalize_grads_without_token_scaling
 
         self.cfg = policy_cfg
         mcfg = policy_cfg.megatron_cfg
@@ -102,6 +102,7 @@ class MegatronPolicyWorker:
         self.hf_config = load_hf_config(
             policy_cfg.model_name, trust_remote_code=policy_cfg.trust_remote_code, overrides=policy_cfg.hf_config_overrides
         )
+        self.vocabulary = VocabularyLogits(self.hf_config.vocab_size, self.device)
         # Written into hf/ at each save, as the DTensor backend does.
         self.generation_config = load_generation_config(policy_cfg.model_name, self.hf_config)
         fusions = _fusion_overrides(mcfg, has_transformer_engine())
@@ -190,7 +191,7 @@ class MegatronPolicyWorker:
             self._micro_batches(batch, plan),
             loss_fn,
             global_valid_tokens,
-            vocab_size=self.hf_config.vocab_size,
+            vocabulary=self.vocabulary,
             device=self.device,
             forward_only=False,
         )
@@ -231,7 +232,7 @@ class MegatronPolicyWorker:
             self._micro_batches(batch, plan),
             loss_fn,
             torch.ones((), device=self.device),
-            vocab_size=self.hf_config.vocab_size,
+            vocabulary=self.vocabulary,
             device=self.device,
             forward_only=True,
         )

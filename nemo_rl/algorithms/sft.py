@@ -31,7 +31,7 @@ from nemo_rl.algorithms.resume import (
 )
 from nemo_rl.algorithms.val_samples import first_val_samples, print_val_samples, score_val_generations
 from nemo_rl.config import ConfigError, MasterConfig, config_to_yaml
-from nemo_rl.config.schema import LoRAConfig, batch_split_problem
+from nemo_rl.config.schema import PolicyConfig, batch_split_problem
 from nemo_rl.data.dataloaders import build_dataloaders
 from nemo_rl.data.datasets import load_datasets
 from nemo_rl.data.processors import TokenizationOptions
@@ -118,8 +118,7 @@ def setup(cfg: MasterConfig, config_path: str | Path | None = None) -> SFTRun:
     logger = Logger(cfg.logger, run_config=cfg.model_dump(mode="json"))
     init_ray(temp_dir=str(logger.run_dir / "ray"), num_cpus=_local_cpu_slots(cfg, device))
     cluster, policy = _start_workers(cfg, device, resumed_from)
-    lora_cfg = cfg.policy.dtensor_cfg.lora_cfg
-    _log_parameter_counts(policy.parameter_counts, lora_cfg, logger, first_run=resumed_from is None)
+    _log_parameter_counts(policy.parameter_counts, cfg.policy, logger, first_run=resumed_from is None)
     gpu_monitor = start_gpu_monitor(logger, cfg.logger.gpu_monitoring) if cfg.logger.monitor_gpus else None
     return SFTRun(
         cfg=cfg,
@@ -433,9 +432,9 @@ def _saves_merged(cfg: MasterConfig) -> bool:
     return cfg.checkpointing.save_merged and cfg.policy.lora_enabled()
 
 
-def _log_parameter_counts(counts: dict[str, int], lora_cfg: LoRAConfig, logger: Logger, *, first_run: bool) -> None:
+def _log_parameter_counts(counts: dict[str, int], policy_cfg: PolicyConfig, logger: Logger, *, first_run: bool) -> None:
     """Printed at every start; logged (params/trainable, params/total at step 0) once per run."""
-    for line in describe_parameters(counts, lora_cfg):
+    for line in describe_parameters(counts, policy_cfg.lora_settings()):
         print(line, flush=True)
     if first_run:
         logger.log_metrics({k: counts[k] for k in ("trainable", "total")}, 0, prefix="params")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from nemo_rl.config.megatron_schema import MegatronConfig
+from nemo_rl.config.megatron_schema import MegatronConfig, MegatronPeftConfig
 
 
 class Section(BaseModel):
@@ -370,11 +370,13 @@ class PolicyConfig(Section):
         `data_parallel_size(n)`)."""
         return self.megatron_cfg if self.megatron_cfg.enabled else self.dtensor_cfg
 
+    def lora_settings(self) -> LoRAConfig | MegatronPeftConfig:
+        """The enabled backend's LoRA section: megatron_cfg.peft or dtensor_cfg.lora_cfg."""
+        return self.megatron_cfg.peft if self.megatron_cfg.enabled else self.dtensor_cfg.lora_cfg
+
     def lora_enabled(self) -> bool:
-        """Whether the enabled backend trains LoRA adapters (dtensor_cfg.lora_cfg or megatron_cfg.peft)."""
-        if self.megatron_cfg.enabled:
-            return self.megatron_cfg.peft.enabled
-        return self.dtensor_cfg.lora_cfg.enabled
+        """Whether the enabled backend trains LoRA adapters."""
+        return self.lora_settings().enabled
 
     def scheduler_entries(self) -> tuple[list[SchedulerEntry], list[int]]:
         """The scheduler list as (schedulers, milestones); ([], []) for a constant rate."""

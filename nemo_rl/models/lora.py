@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemo_rl.config.megatron_schema import MegatronPeftConfig
 from nemo_rl.config.schema import LoRAConfig
 
 log = logging.getLogger(__name__)
@@ -286,13 +287,14 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-def describe_parameters(counts: dict[str, int], cfg: LoRAConfig) -> list[str]:
-    """Lines for the run's log: trainable vs total parameters and, with LoRA, what runs it."""
+def describe_parameters(counts: dict[str, int], cfg: LoRAConfig | MegatronPeftConfig) -> list[str]:
+    """Lines for the run's log: trainable vs total parameters and, with LoRA (either backend's
+    section: `PolicyConfig.lora_settings()`), what runs it."""
     share = 100 * counts["trainable"] / max(counts["total"], 1)
     lines = [f"parameters: {counts['trainable']:,} trainable of {counts['total']:,} ({share:.2f}%)"]
     if cfg.enabled:
         lines[0] += f"; LoRA dim {cfg.dim}, alpha {cfg.alpha:g} on {counts.get('lora_modules', '?')} linear layers"
-        if cfg.use_triton:
+        if isinstance(cfg, LoRAConfig) and cfg.use_triton:
             lines.append(
                 "LoRA: use_triton=true, but this build has no fused LoRA kernel; the adapters run as "
                 "plain PyTorch matmuls (same results)"

@@ -130,3 +130,34 @@ def test_valid_classes_arguments_and_overrides_pass_the_check(tmp_path, monkeypa
     })
     with pytest.raises(DataError):  # past the check: the data path does not exist
         sft.setup(cfg)
+
+
+class _RecordingLogger:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step, prefix=""):
+        self.logged.append((prefix, step, metrics))
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"dtensor_cfg": {"lora_cfg": {"enabled": True, "dim": 8, "alpha": 16}}},
+        {
+            "dtensor_cfg": {"enabled": False, "lora_cfg": {"enabled": True, "dim": 2, "alpha": 4}},  # not the active backend's
+            "megatron_cfg": {"enabled": True, "peft": {"enabled": True, "dim": 8, "alpha": 16}},
+            "optimizer": None,
+            "precision": "float32",
+        },
+    ],
+    ids=["dtensor", "megatron"],
+)
+def test_parameter_line_names_the_active_backends_lora_settings(tmp_path, capsys, policy):
+    cfg = _config(tmp_path, policy=policy)
+    counts = {"trainable": 1_000, "total": 101_000, "lora_modules": 8}
+    logger = _RecordingLogger()
+    sft._log_parameter_counts(counts, cfg.policy, logger, first_run=True)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == "parameters: 1,000 trainable of 101,000 (0.99%); LoRA dim 8, alpha 16 on 8 linear layers"
+    assert logger.logged == [("params", 0, {"trainable": 1_000, "total": 101_000})]

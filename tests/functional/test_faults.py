@@ -28,8 +28,9 @@ from tests.functional.sft_runs import (
 
 pytestmark = pytest.mark.slow
 
-# The runs that kill a driver or Ray processes start a Ray of their own (the driver does); the
-# runs that end on their own (the resumes after a fault among them) attach to `shared_ray_head`.
+# The runs that kill a driver or a worker start a Ray of their own (the driver does), so that what
+# they kill is theirs; the runs that end on their own (the resumes after a fault among them)
+# attach to `shared_ray_head`.
 
 
 def wait_for_logged_step(log_dir: Path, step: int, run, timeout: float = 300) -> None:

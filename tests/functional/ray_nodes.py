@@ -135,3 +135,38 @@ def ray_nodes(root: Path, cpus_per_node: dict[str, int]) -> Iterator[RayNodes]:
         yield nodes
     finally:
         nodes.stop()
+
+
+class SharedRayHead:
+    """One `ray start --head` that the whole runs ending on their own attach to
+    (`RAY_ADDRESS`, `env`), started on first use: each run then pays for its workers, not
+    also for a Ray start of its own (GCS, raylet, agents and the raylet's prestarted idle
+    workers: tens of seconds on a loaded 2-core machine).
+
+    A run that kills its driver or its Ray processes needs a cluster of its own instead:
+    what it kills must not be this one. `stop()` may be called early (the next `env` starts
+    a new head), so that an idle head does not tax the tests after the runs.
+    """
+
+    def __init__(self, root: Path, *, num_cpus: int):
+        self._root = root
+        self._num_cpus = num_cpus
+        self._nodes: RayNodes | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment on top of the run's own that attaches it to this head."""
+        if self._nodes is None:
+            nodes = RayNodes(self._root)
+            try:
+                nodes.start_head("shared", num_cpus=self._num_cpus)
+            except BaseException:
+                nodes.stop()
+                raise
+            self._nodes = nodes
+        return {"RAY_ADDRESS": self._nodes.address}
+
+    def stop(self) -> None:
+        if self._nodes is not None:
+            nodes, self._nodes = self._nodes, None
+            nodes.stop()

@@ -28,6 +28,10 @@ from tests.functional.sft_runs import (
 
 pytestmark = pytest.mark.slow
 
+# The runs that kill a driver or a worker start a Ray of their own (the driver does), so that what
+# they kill is theirs; the runs that end on their own (the resumes after a fault among them)
+# attach to `shared_ray_head`.
+
 
 def wait_for_logged_step(log_dir: Path, step: int, run, timeout: float = 300) -> None:
     """Until the run's metrics.jsonl holds `step` (the step finished, its save may be running)."""
@@ -81,7 +85,7 @@ def test_with_max_restarts_a_killed_worker_is_replaced_and_the_run_equals_the_re
     assert [row["fault/worker_restarts"] for row in metric_rows(tmp_path / "logs", "fault/worker_restarts")] == [1]
 
 
-def test_a_driver_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, reference_run):
+def test_a_driver_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, reference_run, shared_ray_head):
     ckpt = tmp_path / "ckpt"
     with started(run_args(tmp_path, reference_run.data_dir), tmp_path / "output.txt") as run:
         deadline = time.monotonic() + 300
@@ -93,7 +97,9 @@ def test_a_driver_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(
     assert checkpoint_steps(ckpt) == [1, 2] and is_complete(ckpt / "step_2")
 
     # The same command but for its saves: only the final checkpoint is compared.
-    rc, output = run_to_end(run_args(tmp_path, reference_run.data_dir, FINAL_SAVE_ONLY), tmp_path / "resumed.txt")
+    rc, output = run_to_end(
+        run_args(tmp_path, reference_run.data_dir, FINAL_SAVE_ONLY), tmp_path / "resumed.txt", env=shared_ray_head.env
+    )
     assert rc == 0, output[-4000:]
     assert "removing incomplete" in output and "tmp_step_3" in output
     assert f"resumed from {ckpt / 'step_2'}" in output or ("resumed from" in output and "step_2" in output)
@@ -101,7 +107,7 @@ def test_a_driver_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(
     assert_continues_the_reference(tmp_path, reference_run)
 
 
-def test_sigterm_saves_after_the_current_step_and_a_resume_finishes_the_run(tmp_path, reference_run):
+def test_sigterm_saves_after_the_current_step_and_a_resume_finishes_the_run(tmp_path, reference_run, shared_ray_head):
     overrides = run_args(tmp_path, reference_run.data_dir, "checkpointing.save_period=100")
     with started(overrides, tmp_path / "output.txt") as run:
         wait_for_logged_step(tmp_path / "logs", 2, run)
@@ -115,7 +121,7 @@ def test_sigterm_saves_after_the_current_step_and_a_resume_finishes_the_run(tmp_
     assert is_complete(tmp_path / "ckpt" / f"step_{steps[0]}")
     assert max(step_metrics(tmp_path / "logs")) == steps[0]  # no step ran after the save
 
-    rc, output = run_to_end(overrides, tmp_path / "resumed.txt")
+    rc, output = run_to_end(overrides, tmp_path / "resumed.txt", env=shared_ray_head.env)
     assert rc == 0, output[-4000:]
     assert_continues_the_reference(tmp_path, reference_run)
 
@@ -137,10 +143,11 @@ def test_ctrl_c_under_uv_run_saves_and_exits_cleanly(tmp_path, reference_run):
     assert not list((tmp_path / "ckpt").glob("tmp_*"))
 
 
-def test_checkpoint_must_save_by_saves_and_stops(tmp_path, reference_run):
+def test_checkpoint_must_save_by_saves_and_stops(tmp_path, reference_run, shared_ray_head):
     rc, output = run_to_end(
         run_args(tmp_path, reference_run.data_dir, "checkpointing.save_period=100", "checkpointing.checkpoint_must_save_by=00:00:00:01"),
         tmp_path / "output.txt",
+        env=shared_ray_head.env,
     )
     assert rc == 0, output[-4000:]
     assert "checkpoint_must_save_by=00:00:00:01" in output
@@ -148,13 +155,14 @@ def test_checkpoint_must_save_by_saves_and_stops(tmp_path, reference_run):
     assert is_complete(tmp_path / "ckpt" / "step_1")
 
 
-def test_resume_on_one_worker_from_a_two_worker_checkpoint_matches(tmp_path, reference_run):
+def test_resume_on_one_worker_from_a_two_worker_checkpoint_matches(tmp_path, reference_run, shared_ray_head):
     start = reference_run.ckpt_dir / "step_3"
     rc, output = run_to_end(
         run_args(
             tmp_path, reference_run.data_dir, f"checkpointing.resume={start}", "cluster.cpu_workers_per_node=1", FINAL_SAVE_ONLY
         ),
         tmp_path / "output.txt",
+        env=shared_ray_head.env,
     )
     assert rc == 0, output[-4000:]
     assert "rank 1" not in output.split("policy workers:")[-1].splitlines()[0]  # one worker

@@ -27,10 +27,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("resume_step", [2, 3], ids=["inside-an-epoch", "at-the-epoch-boundary"])
-def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, reference_run, resume_step):
+def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, reference_run, shared_ray_head, resume_step):
     start = reference_run.ckpt_dir / f"step_{resume_step}"
     rc, output = run_to_end(
-        run_args(tmp_path, reference_run.data_dir, f"checkpointing.resume={start}", FINAL_SAVE_ONLY), tmp_path / "output.txt"
+        run_args(tmp_path, reference_run.data_dir, f"checkpointing.resume={start}", FINAL_SAVE_ONLY),
+        tmp_path / "output.txt",
+        env=shared_ray_head.env,
     )
     assert rc == 0, output[-4000:]
     assert "resumed from" in output and str(start) in output

@@ -22,16 +22,17 @@ TINY_MODEL = str(REPO / "assets" / "tiny-llama")
 pytestmark = pytest.mark.slow
 
 
-def run_eval(*overrides: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+def run_eval(*overrides: str, ray_env: dict[str, str] | None = None, timeout: float = 420) -> subprocess.CompletedProcess:
+    """`ray_env`: the Ray cluster a run that gets as far as Ray attaches to (`shared_ray_head.env`)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(ray_env or {})}
     cmd = [sys.executable, str(REPO / "examples" / "run_eval.py"), "--config", str(REPO / "configs" / "eval.yaml"), *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_squad_eval_writes_scores_that_match_its_samples(tmp_path):
+def test_squad_eval_writes_scores_that_match_its_samples(tmp_path, shared_ray_head):
     overrides = [f"generation.model_name={TINY_MODEL}", "eval.max_prompts=12", f"eval.output_dir={tmp_path}",
                  "generation.max_new_tokens=8", "generation.batch_size=4"]
-    result = run_eval(*overrides)
+    result = run_eval(*overrides, ray_env=shared_ray_head.env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| exact_match |" in result.stdout and "step 2/2" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]

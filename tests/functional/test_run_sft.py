@@ -19,8 +19,11 @@ TINY_MODEL = REPO / "assets" / "tiny-llama"
 pytestmark = pytest.mark.slow
 
 
-def run_sft(*overrides: str, timeout: float = 420, config: str = "sft_tiny.yaml") -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+def run_sft(
+    *overrides: str, ray_env: dict[str, str], timeout: float = 420, config: str = "sft_tiny.yaml"
+) -> subprocess.CompletedProcess:
+    """`ray_env`: the Ray cluster the run attaches to (`shared_ray_head.env`, tests/conftest.py)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **ray_env}
     cmd = [sys.executable, str(REPO / "examples" / "run_sft.py"), "--config", str(REPO / "configs" / config), *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -29,7 +32,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_quickstart_trains_validates_checkpoints_and_resumes(tmp_path):
+def test_quickstart_trains_validates_checkpoints_and_resumes(tmp_path, shared_ray_head):
     ckpt_dir, log_dir = tmp_path / "ckpt", tmp_path / "logs"
     overrides = (
         "sft.max_num_steps=6",
@@ -40,7 +43,7 @@ def test_quickstart_trains_validates_checkpoints_and_resumes(tmp_path):
         f"checkpointing.checkpoint_dir={ckpt_dir}",
         f"logger.log_dir={log_dir}",
     )
-    result = run_sft(*overrides)
+    result = run_sft(*overrides, ray_env=shared_ray_head.env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "run summary" in result.stdout
 
@@ -80,13 +83,13 @@ def test_quickstart_trains_validates_checkpoints_and_resumes(tmp_path):
         assert not torch.allclose(model(ids).logits, base(ids).logits)  # it trained
 
     # Running the same command again resumes from the last checkpoint and has nothing left to do.
-    again = run_sft(*overrides)
+    again = run_sft(*overrides, ray_env=shared_ray_head.env)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stdout
     assert len(read_jsonl(log_dir / "exp_002" / "metrics.jsonl")) <= 1
 
 
-def test_a_worker_failing_mid_step_ends_the_run_with_its_rank_and_message(tmp_path):
+def test_a_worker_failing_mid_step_ends_the_run_with_its_rank_and_message(tmp_path, shared_ray_head):
     # A model whose vocabulary is smaller than the tokenizer's: the embedding lookup fails inside
     # the workers at the first training step, after setup succeeded.
     small_vocab = tmp_path / "small-vocab-llama"
@@ -101,6 +104,7 @@ def test_a_worker_failing_mid_step_ends_the_run_with_its_rank_and_message(tmp_pa
         "sft.val_at_start=false",
         f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
         f"logger.log_dir={tmp_path / 'logs'}",
+        ray_env=shared_ray_head.env,
         timeout=240,  # a run that hung on the failure would raise TimeoutExpired
     )
     assert result.returncode != 0
@@ -109,7 +113,7 @@ def test_a_worker_failing_mid_step_ends_the_run_with_its_rank_and_message(tmp_pa
     assert not list((tmp_path / "ckpt").glob("step_*"))
 
 
-def test_lora_quickstart_with_packing_saves_an_adapter_and_a_merged_model(tmp_path):
+def test_lora_quickstart_with_packing_saves_an_adapter_and_a_merged_model(tmp_path, shared_ray_head):
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -123,6 +127,7 @@ def test_lora_quickstart_with_packing_saves_an_adapter_and_a_merged_model(tmp_pa
         f"checkpointing.checkpoint_dir={ckpt_dir}",
         f"logger.log_dir={log_dir}",
         config="sft_tiny_lora.yaml",
+        ray_env=shared_ray_head.env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
@@ -150,7 +155,7 @@ def test_lora_quickstart_with_packing_saves_an_adapter_and_a_merged_model(tmp_pa
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
 
 
-def test_megatron_quickstart_trains_checkpoints_exports_hf_and_resumes(tmp_path):
+def test_megatron_quickstart_trains_checkpoints_exports_hf_and_resumes(tmp_path, shared_ray_head):
     pytest.importorskip("megatron.core")
     ckpt_dir, log_dir = tmp_path / "ckpt", tmp_path / "logs"
     overrides = (
@@ -162,7 +167,7 @@ def test_megatron_quickstart_trains_checkpoints_exports_hf_and_resumes(tmp_path)
         f"logger.log_dir={log_dir}",
     )
     # Two steps and one save show the training, the hf/ export and (below, one more step) the resume.
-    result = run_sft("sft.max_num_steps=2", *overrides, config="sft_tiny_megatron.yaml", timeout=900)
+    result = run_sft("sft.max_num_steps=2", *overrides, config="sft_tiny_megatron.yaml", ray_env=shared_ray_head.env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = read_jsonl(log_dir / "exp_001" / "metrics.jsonl")
     train_rows = [row for row in metrics if "train/loss" in row]
@@ -180,7 +185,7 @@ def test_megatron_quickstart_trains_checkpoints_exports_hf_and_resumes(tmp_path)
         assert not torch.allclose(model(ids).logits, base(ids).logits)
 
     # One more step resumes from step_2's dist_checkpointing shards.
-    again = run_sft("sft.max_num_steps=3", *overrides, config="sft_tiny_megatron.yaml", timeout=900)
+    again = run_sft("sft.max_num_steps=3", *overrides, config="sft_tiny_megatron.yaml", ray_env=shared_ray_head.env, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stdout
     resumed = [row for row in read_jsonl(log_dir / "exp_002" / "metrics.jsonl") if "train/loss" in row]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 pytestmark = pytest.mark.slow
 
 
-def test_tensor_parallel_quickstart_runs_end_to_end(tmp_path):
+def test_tensor_parallel_quickstart_runs_end_to_end(tmp_path, shared_ray_head):
     ckpt_dir, log_dir = tmp_path / "ckpt", tmp_path / "logs"
     result = run_sft(
         "cluster.cpu_workers_per_node=4",
@@ -24,6 +24,7 @@ def test_tensor_parallel_quickstart_runs_end_to_end(tmp_path):
         "checkpointing.save_period=2",
         f"checkpointing.checkpoint_dir={ckpt_dir}",
         f"logger.log_dir={log_dir}",
+        ray_env=shared_ray_head.env,
         timeout=540,
     )
     assert result.returncode == 0, result.stderr[-4000:]

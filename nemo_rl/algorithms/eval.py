@@ -95,6 +95,7 @@ def tokenization_options(cfg: EvalMasterConfig) -> TokenizationOptions:
         add_bos=cfg.data.add_bos,
         add_eos=False,
         add_generation_prompt=True,
+        answer_only_loss_mask=True,
         only_unmask_final=False,
         max_seq_length=cfg.data.max_input_seq_length,
         overlength="mask",

@@ -433,6 +433,9 @@ class DataConfig(Section):
     add_bos: bool = True
     add_eos: bool = True
     add_generation_prompt: bool = False
+    # false: every token after the first carries loss (system, user and tool turns too), as
+    # NeMo AutoModel's `answer_only_loss_mask: false`; validation loss then covers them as well
+    answer_only_loss_mask: bool = True
     overlength: Literal["mask", "truncate", "drop"] = "truncate"
     shuffle: bool = True
     num_workers: int = Field(1, ge=0)
@@ -554,6 +557,11 @@ class MasterConfig(Section):
             raise ValueError(
                 f"data.max_input_seq_length={self.data.max_input_seq_length} exceeds "
                 f"policy.max_total_sequence_length={self.policy.max_total_sequence_length}"
+            )
+        if self.sft.only_unmask_final and not self.data.answer_only_loss_mask:
+            raise ValueError(
+                "sft.only_unmask_final=true with data.answer_only_loss_mask=false: the first trains only "
+                "the last assistant turn, the second every token; set one of them to its default"
             )
         if self.cluster.device == "cpu" and self.policy.megatron_cfg.enabled and self.policy.megatron_cfg.sequence_parallel:
             raise ValueError(

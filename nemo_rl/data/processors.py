@@ -69,6 +69,7 @@ class TokenizationOptions:
     add_bos: bool = _from_config("data.add_bos")
     add_eos: bool = _from_config("data.add_eos")
     add_generation_prompt: bool = _from_config("data.add_generation_prompt")
+    answer_only_loss_mask: bool = _from_config("data.answer_only_loss_mask")
     only_unmask_final: bool = _from_config("sft.only_unmask_final")
     max_seq_length: int = _from_config("data.max_input_seq_length")
     overlength: Overlength = _from_config("data.overlength")
@@ -160,7 +161,10 @@ def tokenize_conversation(
     if options.add_eos and eos is not None and (not input_ids or input_ids[-1] != eos):
         input_ids.append(eos)
         owners.append(n - 1 if trained and trained[-1] == n - 1 else None)
-    token_mask = [0 if owner is None else 1 for owner in owners]
+    if options.answer_only_loss_mask:
+        token_mask = [0 if owner is None else 1 for owner in owners]
+    else:  # every token is a target but the first, which nothing precedes
+        token_mask = [0] + [1] * (len(input_ids) - 1)
     return TokenizedConversation(input_ids, token_mask, owners)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from nemo_rl.config.schema import PolicyConfig, SchedulerEntry, SchedulerMilestones
+
+REPO = Path(__file__).resolve().parents[3]
 
 POLICY = {
     "model_name": "m",
@@ -204,3 +207,13 @@ def test_val_generation_is_off_by_default_and_its_keys_are_checked():
     for bad in ({"metric": "bleu"}, {"num_prompts": 0}, {"max_new_tokens": 0}, {"num_prompt": 3}):
         with pytest.raises(ValidationError):
             SFTConfig(max_num_steps=1, val_generation=bad)
+
+
+def test_answer_only_loss_mask_is_on_by_default_and_refused_beside_only_unmask_final():
+    from nemo_rl.config.loader import load_config
+
+    sft_tiny = REPO / "configs" / "sft_tiny.yaml"
+    assert load_config(sft_tiny).data.answer_only_loss_mask is True
+    assert load_config(sft_tiny, ["data.answer_only_loss_mask=false"]).data.answer_only_loss_mask is False
+    with pytest.raises(ValueError, match=re.escape("sft.only_unmask_final=true with data.answer_only_loss_mask=false")):
+        load_config(sft_tiny, ["data.answer_only_loss_mask=false", "sft.only_unmask_final=true"])

@@ -18,6 +18,7 @@ DEFAULT_TOKENIZATION = TokenizationOptions(
     add_bos=True,
     add_eos=True,
     add_generation_prompt=False,
+    answer_only_loss_mask=True,
     only_unmask_final=False,
     max_seq_length=4096,
     overlength="truncate",

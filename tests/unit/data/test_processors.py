@@ -163,6 +163,14 @@ def test_only_unmask_final_masks_the_last_assistant_turn_only(tokenizer):
     assert ids == all_ids  # the same tokens, only the mask differs
 
 
+def test_answer_only_loss_mask_false_trains_every_token_after_the_first(tokenizer):
+    ids, mask = process(tokenizer, TOOL_CHAT, tools=TOOLS, answer_only_loss_mask=False)
+    answer_ids, answer_mask = process(tokenizer, TOOL_CHAT, tools=TOOLS)
+    assert ids == answer_ids  # the same tokens, only the mask differs
+    assert ids[0] == tokenizer.bos_token_id and mask == [0] + [1] * (len(ids) - 1)
+    assert 0 < sum(answer_mask) < sum(mask)
+
+
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_tool_calling_conversation(tokenizer, generation_prompt):
     ids, mask = process(tokenizer, TOOL_CHAT, tools=TOOLS, add_generation_prompt=generation_prompt)

@@ -114,7 +114,12 @@ def tokenize_conversation(
     n = len(messages)
     add_generation_prompt = options.add_generation_prompt
     assistants = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    trained = assistants[-1:] if options.only_unmask_final else assistants
+    if not options.answer_only_loss_mask:
+        trained = []  # every token is trained: no turn's boundaries are needed, so none is rendered
+    elif options.only_unmask_final:
+        trained = assistants[-1:]
+    else:
+        trained = assistants
     kwargs = dict(options.chat_template_kwargs or {})
 
     # The renderings needed: messages[:a] (with the generation prompt when asked) and messages[:a + 1]
